@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install the system packages ExpertMesh's build and tests need, if missing. Safe to run twice.
+#   protoc (protobuf-compiler): compiles proto/ (and etcd-client's protos)
+#   etcd   (etcd-server):       the real metadata store the etcd tests start on loopback
+set -euo pipefail
+need=()
+command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+if [ ${#need[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "installing: ${need[*]}"
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"

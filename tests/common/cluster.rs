@@ -1,0 +1,1 @@
+//! Real `expertmesh` processes on loopback (filled in with the distributed tests).
