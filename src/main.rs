@@ -1,1 +1,262 @@
-fn main() {}
+//! `expertmesh`: one binary for every role. Parses flags and hands off to the crates.
+
+mod commands;
+mod env;
+mod local;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "expertmesh", version, about = "Distributed expert-parallel runtime for Mixture-of-Experts layers")]
+struct Cli {
+    /// Log filter (tracing env-filter syntax), e.g. `info`, `expertmesh_worker=debug`.
+    #[arg(long, global = true, env = env::LOG)]
+    log: Option<String>,
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, default_value = "text", env = env::LOG_FORMAT)]
+    log_format: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a local cluster (coordinator + N workers on loopback) and drive traffic through
+    /// every MoE layer, with a live summary, until stopped or --duration passes.
+    Up(UpArgs),
+    /// Run the coordinator (control plane).
+    Coordinator(CoordinatorArgs),
+    /// Run a worker that holds and computes experts.
+    Worker(WorkerArgs),
+    /// Run one MoE layer on inputs from a safetensors file.
+    Forward(ForwardArgs),
+    /// Write a synthetic model in the upstream checkpoint layout.
+    GenModel(GenModelArgs),
+    /// Write random inputs (hidden_states, input_ids) for `forward`.
+    GenInput(GenInputArgs),
+    /// Benchmark the distributed layer against the same layer in one process; prints JSON.
+    Bench(BenchArgs),
+    /// Show a cluster's members, placement epoch and load.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelSource {
+    /// Checkpoint directory (config.json + safetensors). Default: a synthetic model.
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: Option<PathBuf>,
+    /// Preset for the synthetic model when --model is not given.
+    #[arg(long, default_value = "deepseek-v3")]
+    pub(crate) preset: String,
+    #[arg(long, default_value_t = 3)]
+    pub(crate) layers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub(crate) experts: usize,
+    #[arg(long, default_value_t = 512)]
+    pub(crate) hidden: usize,
+    #[arg(long, default_value_t = 256)]
+    pub(crate) ffn: usize,
+    #[arg(long, default_value_t = 6)]
+    pub(crate) top_k: usize,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    #[command(flatten)]
+    pub(crate) source: ModelSource,
+    #[arg(long, default_value_t = 4)]
+    pub(crate) workers: usize,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub(crate) duration: Option<f64>,
+    /// Tokens per request.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) batch: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) concurrency: usize,
+    /// Activations dtype on the wire: bf16 or f32.
+    #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
+    pub(crate) wire: String,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replicas: usize,
+    /// Where process logs go (default: a temporary directory).
+    #[arg(long)]
+    pub(crate) log_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatorArgs {
+    #[arg(long, default_value = "127.0.0.1:7400", env = env::LISTEN)]
+    pub(crate) listen: SocketAddr,
+    /// Checkpoint directory of the model the cluster serves.
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: PathBuf,
+    /// Wait for this many workers before the first placement.
+    #[arg(long, default_value_t = 1, env = env::EXPECT_WORKERS)]
+    pub(crate) expect_workers: usize,
+    /// Copies of every expert, on distinct workers.
+    #[arg(long, default_value_t = 1, env = env::REPLICAS)]
+    pub(crate) replicas: usize,
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    pub(crate) lease_ttl_ms: u64,
+    #[arg(long, default_value = "default", env = env::CLUSTER)]
+    pub(crate) cluster: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// Coordinator address (host:port).
+    #[arg(long, env = env::COORDINATOR)]
+    pub(crate) coordinator: String,
+    #[arg(long, default_value = "127.0.0.1:0", env = env::LISTEN)]
+    pub(crate) listen: SocketAddr,
+    /// Address other processes reach this worker at (default: the bound address).
+    #[arg(long, env = env::ADVERTISE)]
+    pub(crate) advertise: Option<String>,
+    /// Worker id (default: worker-<pid>).
+    #[arg(long, env = env::WORKER_ID)]
+    pub(crate) id: Option<String>,
+    /// Machine name, for spreading replicas (default: the hostname).
+    #[arg(long, env = env::NODE)]
+    pub(crate) node: Option<String>,
+    /// cpu (cuda:N and npu:N are not in this build yet).
+    #[arg(long, default_value = "cpu", env = env::DEVICE)]
+    pub(crate) device: String,
+    /// Checkpoint directory (default: the path the coordinator serves).
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: Option<PathBuf>,
+    /// Memory offered for expert weights, GiB (default: the machine's available memory).
+    #[arg(long, env = env::MEMORY_GIB)]
+    pub(crate) memory_gib: Option<f64>,
+    #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
+    pub(crate) max_message_mib: usize,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ForwardArgs {
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: PathBuf,
+    /// The model's own layer index.
+    #[arg(long)]
+    pub(crate) layer: usize,
+    /// safetensors with `hidden_states` (f32 [T, hidden]) and, for hash layers, `input_ids` (i64 [T]).
+    #[arg(long)]
+    pub(crate) input: PathBuf,
+    /// safetensors to write: `output`, `topk_indices`, `topk_weights`.
+    #[arg(long)]
+    pub(crate) output: PathBuf,
+    /// Run across N worker processes of a local cluster (default: in this process).
+    #[arg(long)]
+    pub(crate) workers: Option<usize>,
+    #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
+    pub(crate) wire: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GenModelArgs {
+    /// tiny (default), tiny-v3, tiny-v4, tiny-mixtral, tiny-qwen3, deepseek-v3, deepseek-v4-flash,
+    /// deepseek-v4-pro, mixtral-8x7b, qwen3-30b-a3b.
+    #[arg(long, default_value = "tiny")]
+    pub(crate) preset: String,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[arg(long)]
+    pub(crate) layers: Option<usize>,
+    #[arg(long)]
+    pub(crate) experts: Option<usize>,
+    #[arg(long)]
+    pub(crate) hidden: Option<usize>,
+    #[arg(long)]
+    pub(crate) ffn: Option<usize>,
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    #[arg(long)]
+    pub(crate) vocab: Option<usize>,
+    #[arg(long)]
+    pub(crate) n_group: Option<usize>,
+    #[arg(long)]
+    pub(crate) topk_group: Option<usize>,
+    /// Expert weight dtype: bf16, f16, f32, or f8_e4m3 (DeepSeek V3's block-scaled FP8).
+    #[arg(long, default_value = "bf16")]
+    pub(crate) dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Refuse to write more than this many GiB.
+    #[arg(long, default_value_t = 16.0)]
+    pub(crate) max_gib: f64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GenInputArgs {
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub(crate) tokens: usize,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// Checkpoint to use (default: the V3-shaped benchmark layer: hidden 2048, 64 experts,
+    /// top-6, expert FFN 1024).
+    #[arg(long)]
+    pub(crate) model: Option<PathBuf>,
+    #[arg(long, default_value_t = 4)]
+    pub(crate) workers: usize,
+    /// Tokens per batch, comma-separated.
+    #[arg(long, default_value = "256,4096", value_delimiter = ',')]
+    pub(crate) batches: Vec<usize>,
+    /// Timed iterations per batch size (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    pub(crate) iters: usize,
+    #[arg(long, default_value = "bf16")]
+    pub(crate) wire: String,
+    #[arg(long)]
+    pub(crate) log_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[arg(long, env = env::COORDINATOR)]
+    pub(crate) coordinator: String,
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+fn init_tracing(cli: &Cli, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.clone().unwrap_or_else(|| default.to_string()))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let server = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::Worker(_));
+    init_tracing(&cli, if server { "info" } else { "warn" });
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Up(a) => commands::up(a).await,
+            Cmd::Coordinator(a) => commands::coordinator(a).await,
+            Cmd::Worker(a) => commands::worker(a).await,
+            Cmd::Forward(a) => commands::forward(a).await,
+            Cmd::GenModel(a) => commands::gen_model(a),
+            Cmd::GenInput(a) => commands::gen_input(a),
+            Cmd::Bench(a) => commands::bench(a).await,
+            Cmd::Status(a) => commands::status(a).await,
+        }
+    })
+}

@@ -8,4 +8,8 @@ pub mod synth;
 pub use checkpoint::Checkpoint;
 pub use error::{Result, WorkerError};
 pub mod compute;
+pub mod dispatcher;
 pub mod moe;
+pub mod node;
+pub mod service;
+pub mod wire;
