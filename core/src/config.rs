@@ -530,11 +530,12 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
             if let (Some(layers), Some(h)) = (o.layers, obj.get("num_hash_layers").and_then(Value::as_u64)) {
                 obj.insert("num_hash_layers".into(), json!((h as usize).min(layers.saturating_sub(1))));
             }
-            if o.experts.is_some() && o.n_group.is_none() && family == "deepseek_v3" {
-                // Keep the group limit valid when the expert count changes.
-                let e = o.experts.unwrap_or(1);
-                let g = obj.get("n_group").and_then(Value::as_u64).unwrap_or(1) as usize;
-                if e % g != 0 {
+            if (o.experts.is_some() || o.top_k.is_some()) && o.n_group.is_none() && family == "deepseek_v3" {
+                // Keep the group limit valid when the expert count or top-k changes.
+                let get = |k: &str| obj.get(k).and_then(Value::as_u64).unwrap_or(1) as usize;
+                let (e, g, tg, k) =
+                    (get("n_routed_experts"), get("n_group"), get("topk_group"), get("num_experts_per_tok"));
+                if e % g != 0 || tg * (e / g) < k {
                     obj.insert("n_group".into(), json!(1));
                     obj.insert("topk_group".into(), json!(1));
                 }

@@ -1,1 +1,114 @@
-//! Real `expertmesh` processes on loopback (filled in with the distributed tests).
+//! Real `expertmesh` processes on loopback ports, killed when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
+use tonic::transport::Channel;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_expertmesh");
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub addr: String,
+    pub log: std::path::PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `expertmesh ARGS` and wait for its `MARKER ... addr=...` line.
+pub fn spawn(args: &[&str], marker: &str, log: &Path) -> Proc {
+    let logf = std::fs::File::create(log).unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(logf))
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let marker = marker.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if !sent && line.starts_with(&marker) {
+                let addr = line.split_whitespace().find_map(|kv| kv.strip_prefix("addr=")).unwrap_or("").to_string();
+                let _ = tx.send(addr);
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => Proc { child, addr, log: log.to_path_buf() },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{args:?} did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+    }
+}
+
+/// Coordinator + N workers.
+pub struct Cluster {
+    pub coordinator: Proc,
+    pub workers: Vec<Proc>,
+    pub logs: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(model: &Path, n: usize, extra_coord: &[&str]) -> Self {
+        let logs = tempfile::tempdir().unwrap();
+        let m = model.display().to_string();
+        let ns = n.to_string();
+        let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--model", &m, "--expect-workers", &ns];
+        args.extend_from_slice(extra_coord);
+        let coordinator = spawn(&args, "EXPERTMESH_COORDINATOR_READY", &logs.path().join("coordinator.log"));
+        let workers = (0..n)
+            .map(|i| {
+                let id = format!("w{i}");
+                spawn(
+                    &[
+                        "worker",
+                        "--coordinator",
+                        &coordinator.addr,
+                        "--listen",
+                        "127.0.0.1:0",
+                        "--id",
+                        &id,
+                        "--device",
+                        "cpu",
+                    ],
+                    "EXPERTMESH_WORKER_READY",
+                    &logs.path().join(format!("{id}.log")),
+                )
+            })
+            .collect();
+        Self { coordinator, workers, logs }
+    }
+
+    /// A MoeLayer client on worker `i`.
+    pub async fn moe_client(&self, i: usize) -> MoeLayerClient<Channel> {
+        MoeLayerClient::connect(format!("http://{}", self.workers[i].addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20)
+    }
+
+    pub fn dump_logs(&self) -> String {
+        let mut s = String::new();
+        for p in std::iter::once(&self.coordinator).chain(&self.workers) {
+            s.push_str(&format!("--- {}\n{}\n", p.log.display(), std::fs::read_to_string(&p.log).unwrap_or_default()));
+        }
+        s
+    }
+}

@@ -147,17 +147,17 @@ impl Checkpoint {
     /// `<name>_scale_inv` block scales.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let (dtype, shape, bytes, path) = self.raw(name)?;
-        if shape != expected {
-            return Err(ck_err(format!(
-                "{}: tensor `{name}` has shape {shape:?}; expected {expected:?}",
-                path.display()
-            )));
-        }
         if !dtype.is_float() {
             return Err(ck_err(format!(
                 "{}: tensor `{name}` has dtype {}; expected a float dtype (f32, bf16, f16, f8_e4m3)",
                 path.display(),
                 dtype.name()
+            )));
+        }
+        if shape != expected {
+            return Err(ck_err(format!(
+                "{}: tensor `{name}` has shape {shape:?}; expected {expected:?}",
+                path.display()
             )));
         }
         let mut out = vec![0f32; shape.iter().product()];

@@ -1,0 +1,202 @@
+//! Checkpoint problems are named precisely; the CLI's forward, gen-model and up work end to end.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::cluster::BIN;
+use common::*;
+use expertmesh_core::config::PresetOverrides;
+use expertmesh_core::dtype::DType;
+use expertmesh_worker::synth::{write_safetensors, OwnedTensor};
+use expertmesh_worker::Checkpoint;
+
+/// Rewrite the shard holding `name` with `f` applied to its tensors.
+fn edit_tensor(dir: &std::path::Path, f: impl Fn(&mut BTreeMap<String, OwnedTensor>)) {
+    for p in std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()) {
+        if p.extension().is_none_or(|x| x != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut m: BTreeMap<String, OwnedTensor> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                let dtype = DType::from_safetensors(v.dtype()).unwrap();
+                (n, OwnedTensor { dtype, shape: v.shape().to_vec(), data: v.data().to_vec() })
+            })
+            .collect();
+        f(&mut m);
+        write_safetensors(&p, &m).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_errors_name_the_tensor_and_the_expectation() {
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 2);
+    let l = spec.moe_layers()[0];
+    let w1 = spec.expert_weight_name(l, 3, expertmesh_core::Proj::Gate);
+    let w2 = spec.expert_weight_name(l, 4, expertmesh_core::Proj::Down);
+    let w3 = spec.expert_weight_name(l, 5, expertmesh_core::Proj::Up);
+    let (a, b, c) = (w1.clone(), w2.clone(), w3.clone());
+    edit_tensor(dir.path(), move |m| {
+        m.remove(&a);
+        if let Some(t) = m.get_mut(&b) {
+            t.shape = vec![t.shape[1], t.shape[0]];
+        }
+        if let Some(t) = m.get_mut(&c) {
+            t.dtype = DType::I32;
+            t.shape = vec![t.shape[0], t.shape[1] / 2];
+        }
+    });
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let e = ck.load_expert(l, 3).unwrap_err().to_string();
+    assert!(e.contains(&format!("tensor `{w1}` is missing")), "{e}");
+    let e = ck.load_expert(l, 4).unwrap_err().to_string();
+    assert!(e.contains(&w2) && e.contains("has shape [32, 64]; expected [64, 32]"), "{e}");
+    let e = ck.load_expert(l, 5).unwrap_err().to_string();
+    assert!(e.contains(&w3) && e.contains("dtype i32; expected a float dtype"), "{e}");
+    // Other experts still load.
+    assert!(ck.load_expert(l, 6).is_ok());
+    let e = ck.load_expert(0, 0).unwrap_err().to_string();
+    assert!(e.contains("dense"), "{e}");
+    let e = ck.load_expert(l, 16).unwrap_err().to_string();
+    assert!(e.contains("expert 16 is out of range"), "{e}");
+
+    // A truncated shard is refused when the checkpoint is opened, naming the tensor.
+    let shard = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("truncated") || e.contains("bad safetensors header"), "{e}");
+}
+
+#[test]
+fn forward_cli_in_process_and_on_workers_matches_reference() {
+    let (dir, spec) = gen_model("tiny-v4", DType::BF16, PresetOverrides::default(), 9);
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in.safetensors");
+    let st = Command::new(BIN)
+        .args(["gen-input", "--model", dir.path().to_str().unwrap(), "--tokens", "21", "--seed", "4", "--out"])
+        .arg(&input)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = std::fs::read(&input).unwrap();
+    let inp = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let x: Vec<f32> = inp
+        .tensor("hidden_states")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let ids: Vec<i64> = inp
+        .tensor("input_ids")
+        .unwrap()
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    for layer in [1usize, 4] {
+        let r = reference(dir.path(), &spec, layer, &x, 21, Some(&ids));
+        for (workers, wire, tol) in [(None, "bf16", 1e-5), (Some("3"), "bf16", 1e-2), (Some("2"), "f32", 1e-5)] {
+            let out = work.path().join("out.safetensors");
+            let mut cmd = Command::new(BIN);
+            cmd.args([
+                "forward",
+                "--model",
+                dir.path().to_str().unwrap(),
+                "--layer",
+                &layer.to_string(),
+                "--wire",
+                wire,
+            ])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out);
+            if let Some(n) = workers {
+                cmd.args(["--workers", n]);
+            }
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "forward failed: {}", String::from_utf8_lossy(&o.stderr));
+            let ob = std::fs::read(&out).unwrap();
+            let ot = safetensors::SafeTensors::deserialize(&ob).unwrap();
+            let y: Vec<f32> = ot
+                .tensor("output")
+                .unwrap()
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            assert_eq!(ot.tensor("topk_indices").unwrap().shape(), &[21, spec.top_k]);
+            assert_eq!(ot.tensor("topk_weights").unwrap().shape(), &[21, spec.top_k]);
+            let err = rel_l2_f32(&y, &r.output);
+            println!("forward layer {layer} workers {workers:?} wire {wire}: rel L2 {err:.2e}");
+            assert!(err < tol, "layer {layer} workers {workers:?}: {err}");
+        }
+    }
+    // A dense or missing layer is refused with a clear message.
+    let o = Command::new(BIN)
+        .args(["forward", "--model", dir.path().to_str().unwrap(), "--layer", "7"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(work.path().join("x"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("layer 7 is out of range"));
+}
+
+#[test]
+fn gen_model_refuses_full_size_and_explains() {
+    let work = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args(["gen-model", "--preset", "deepseek-v4-pro", "--out"])
+        .arg(work.path())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("GiB") && err.contains("--layers"), "{err}");
+    let o = Command::new(BIN).args(["gen-model", "--preset", "nope", "--out"]).arg(work.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown preset `nope`"));
+}
+
+#[test]
+fn up_runs_a_bounded_demo_and_reports() {
+    let logs = tempfile::tempdir().unwrap();
+    let o = Command::new(BIN)
+        .args([
+            "up",
+            "--workers",
+            "3",
+            "--duration",
+            "3",
+            "--layers",
+            "2",
+            "--experts",
+            "8",
+            "--hidden",
+            "64",
+            "--ffn",
+            "32",
+        ])
+        .arg("--log-dir")
+        .arg(logs.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "up failed: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("tokens/s") && out.contains("p99 ms") && out.contains("worker-2"), "{out}");
+    assert!(out.contains("0 errors"), "{out}");
+}
