@@ -223,10 +223,9 @@ fn write_output(path: &Path, hidden: usize, out: &MoeOutput) -> Result<()> {
     Ok(())
 }
 
-fn temp_dir(prefix: &str) -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
+/// A scratch directory removed when dropped.
+fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
 }
 
 /// A local cluster plus a dispatcher in this process that routes by its placement.
@@ -258,8 +257,8 @@ pub(crate) async fn forward(a: ForwardArgs) -> Result<()> {
                 bail!("--workers must be at least 1");
             }
             let stop = CancellationToken::new();
-            let log_dir = temp_dir("expertmesh-forward")?;
-            let (cluster, d) = cluster_dispatcher(&a.model, n, 1, &log_dir, stop.clone()).await?;
+            let logs = scratch("expertmesh-forward-")?;
+            let (cluster, d) = cluster_dispatcher(&a.model, n, 1, logs.path(), stop.clone()).await?;
             let r = d.forward(inp, wire).await;
             stop.cancel();
             cluster.stop().await;
@@ -312,9 +311,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 pub(crate) async fn up(a: UpArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
-    let scratch = temp_dir("expertmesh-up")?;
-    let model = resolve_model(&a.source, &scratch)?;
-    let log_dir = a.log_dir.clone().unwrap_or_else(|| scratch.join("logs"));
+    let work = scratch("expertmesh-up-")?;
+    let model = resolve_model(&a.source, work.path())?;
+    // Logs outlive the run (the generated model does not).
+    let log_dir = a
+        .log_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("expertmesh-up-logs-{}", std::process::id())));
     let stop = shutdown_on_signals();
     eprintln!("starting coordinator and {} workers (logs in {})", a.workers, log_dir.display());
     let (cluster, d) = cluster_dispatcher(&model, a.workers, a.replicas, &log_dir, stop.clone()).await?;
@@ -495,11 +498,11 @@ where
 
 pub(crate) async fn bench(a: BenchArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
-    let scratch = temp_dir("expertmesh-bench")?;
+    let work = scratch("expertmesh-bench-")?;
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
-            let dir = scratch.join("model");
+            let dir = work.path().join("model");
             let opts = GenOptions {
                 preset: "deepseek-v3".into(),
                 overrides: PresetOverrides {
@@ -560,7 +563,7 @@ pub(crate) async fn bench(a: BenchArgs) -> Result<()> {
 
     eprintln!("distributed: {} workers on loopback", a.workers);
     let stop = CancellationToken::new();
-    let log_dir = a.log_dir.clone().unwrap_or_else(|| scratch.join("logs"));
+    let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
     let (cluster, d) = cluster_dispatcher(&model, a.workers, 1, &log_dir, stop.clone()).await?;
     let mut results = Vec::new();
     for &b in &a.batches {

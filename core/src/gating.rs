@@ -154,8 +154,8 @@ pub fn route(spec: &ModelSpec, logits: &[f32], tokens: usize, inp: GateInputs<'_
         } else {
             match inp.bias {
                 Some(b) => {
-                    for i in 0..e {
-                        choice[i] = s[i] + b[i];
+                    for ((c, &sv), &bv) in choice.iter_mut().zip(&s).zip(b) {
+                        *c = sv + bv;
                     }
                 }
                 None => choice.copy_from_slice(&s),
@@ -178,8 +178,9 @@ pub fn route(spec: &ModelSpec, logits: &[f32], tokens: usize, inp: GateInputs<'_
                 }
                 for &(_, g) in &gbest {
                     let g = g as usize;
-                    for i in g * per_group..(g + 1) * per_group {
-                        push_top(&mut best, k, choice[i], i as u32);
+                    let base = g * per_group;
+                    for (i, &v) in choice[base..base + per_group].iter().enumerate() {
+                        push_top(&mut best, k, v, (base + i) as u32);
                     }
                 }
                 // Same order as an ungrouped search: by choice score, ties to the lower index.
@@ -232,7 +233,7 @@ mod tests {
         let s = spec("tiny-v4");
         let table = HashTable::new(vec![0; 1000 * 4], 1000, 4, 16).unwrap();
         let ids = [3i64, 1000];
-        let e = route(&s, &vec![0.0; 32], 2, GateInputs { bias: None, hash: Some((&table, &ids)) }).unwrap_err();
+        let e = route(&s, &[0.0; 32], 2, GateInputs { bias: None, hash: Some((&table, &ids)) }).unwrap_err();
         assert!(e.to_string().contains("input_ids[1] = 1000"), "{e}");
     }
 }

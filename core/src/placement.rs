@@ -112,10 +112,8 @@ impl PlacementPolicy for CapacitySpread {
         }
         let weight: Vec<f64> =
             workers.iter().map(|w| if w.tflops > 0.0 { w.tflops } else { (w.memory_bytes as f64).max(1.0) }).collect();
-        let cap: Vec<u64> = workers
-            .iter()
-            .map(|w| if req.expert_bytes == 0 { u64::MAX } else { w.memory_bytes / req.expert_bytes })
-            .collect();
+        let cap: Vec<u64> =
+            workers.iter().map(|w| w.memory_bytes.checked_div(req.expert_bytes).unwrap_or(u64::MAX)).collect();
         let mut count = vec![0u64; workers.len()];
         let mut plan = Plan { workers: workers.iter().map(|w| w.id.clone()).collect(), layers: BTreeMap::new() };
         for &l in &req.layers {

@@ -173,9 +173,9 @@ pub fn ffn_forward(f: &RefFfn, hidden: usize, x: &[f64], limit: Option<f64>) -> 
     for (j, hj) in h.iter_mut().enumerate() {
         let mut g = 0.0;
         let mut u = 0.0;
-        for i in 0..hidden {
-            g += f.w1[j * hidden + i] * x[i];
-            u += f.w3[j * hidden + i] * x[i];
+        for (i, xi) in x.iter().enumerate().take(hidden) {
+            g += f.w1[j * hidden + i] * xi;
+            u += f.w3[j * hidden + i] * xi;
         }
         if let Some(l) = limit {
             g = g.min(l);

@@ -21,7 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, warn};
 
 use crate::error::{Result, WorkerError};
-use crate::moe::{combine, ExpertGroups, Frontend, MoeInput, MoeOutput};
+use crate::moe::{combine, shared_expert, ExpertGroups, Frontend, MoeInput, MoeOutput};
 use crate::wire::dtype_to_proto;
 
 /// The committed placement in the form the hot path reads.
@@ -70,11 +70,17 @@ pub struct WireStats {
     pub payload_received: AtomicU64,
 }
 
+/// Rows routed to one expert: (expert, pair indices).
+pub type Segment = (u32, Vec<u32>);
+/// The watch a dispatcher routes by: the latest committed placement, if any.
+pub type RouteTableRx = watch::Receiver<Option<Arc<RouteTable>>>;
+pub type RouteTableTx = watch::Sender<Option<Arc<RouteTable>>>;
+
 /// One chunk of one destination's stream.
 #[derive(Debug, Clone)]
 struct Chunk {
     /// (expert, pairs) segments in order.
-    segs: Vec<(u32, Vec<u32>)>,
+    segs: Vec<Segment>,
 }
 
 impl Chunk {
@@ -83,7 +89,7 @@ impl Chunk {
     }
 }
 
-fn plan_chunks(segs: Vec<(u32, Vec<u32>)>, rows_per_chunk: usize) -> Vec<Chunk> {
+fn plan_chunks(segs: Vec<Segment>, rows_per_chunk: usize) -> Vec<Chunk> {
     let mut chunks = Vec::new();
     let mut cur = Chunk { segs: Vec::new() };
     let mut room = rows_per_chunk;
@@ -110,14 +116,14 @@ fn plan_chunks(segs: Vec<(u32, Vec<u32>)>, rows_per_chunk: usize) -> Vec<Chunk> 
 #[derive(Debug)]
 struct Outcome {
     answered: Vec<(Vec<u32>, Vec<f32>)>,
-    failed: Option<(WorkerError, Vec<(u32, Vec<u32>)>)>,
+    failed: Option<(WorkerError, Vec<Segment>)>,
 }
 
 /// Routes MoE layers across the cluster.
 #[derive(Debug)]
 pub struct Dispatcher {
     front: Frontend,
-    table: watch::Receiver<Option<Arc<RouteTable>>>,
+    table: RouteTableRx,
     clients: Mutex<HashMap<String, ExpertServiceClient<Channel>>>,
     cfg: DispatcherConfig,
     stats: WireStats,
@@ -125,7 +131,7 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(front: Frontend, table: watch::Receiver<Option<Arc<RouteTable>>>, cfg: DispatcherConfig) -> Self {
+    pub fn new(front: Frontend, table: RouteTableRx, cfg: DispatcherConfig) -> Self {
         Self {
             front,
             table,
@@ -193,14 +199,10 @@ impl Dispatcher {
         let inp = Arc::new(inp);
         let front = self.front.layer(inp.layer).await?;
         let routing = self.front.gate(&front, &inp).await?;
-        let shared = {
-            let (front, inp) = (front.clone(), inp.clone());
-            let fe = Frontend::new(self.front.checkpoint().clone(), self.front.backend().clone());
-            // The shared expert runs on the compute pool while the routed rows are on the wire.
-            tokio::spawn(async move { fe.shared(&front, &inp).await })
-        };
+        // The shared expert runs on the compute pool while the routed rows are on the wire.
+        let shared = tokio::spawn(shared_expert(front.clone(), inp.clone()));
         let groups = ExpertGroups::new(&routing, spec.n_routed);
-        let mut todo: Vec<(u32, Vec<u32>)> =
+        let mut todo: Vec<Segment> =
             groups.pairs.into_iter().enumerate().filter(|(_, p)| !p.is_empty()).map(|(e, p)| (e as u32, p)).collect();
         let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut y = vec![0f32; inp.tokens * k * h];
@@ -212,7 +214,7 @@ impl Dispatcher {
             let placed = table.layers.get(&(inp.layer as u32)).ok_or_else(|| {
                 WorkerError::Unavailable(format!("placement epoch {} does not place layer {}", table.epoch, inp.layer))
             })?;
-            let mut dests: BTreeMap<u32, Vec<(u32, Vec<u32>)>> = BTreeMap::new();
+            let mut dests: BTreeMap<u32, Vec<Segment>> = BTreeMap::new();
             for (e, pairs) in std::mem::take(&mut todo) {
                 let reps = placed.get(e as usize).filter(|r| !r.is_empty()).ok_or_else(|| {
                     WorkerError::Unavailable(format!(
@@ -271,7 +273,7 @@ impl Dispatcher {
         w: u32,
         inp: &Arc<MoeInput>,
         wire: DType,
-        segs: Vec<(u32, Vec<u32>)>,
+        segs: Vec<Segment>,
         rid: u64,
     ) -> Outcome {
         let h = self.front.spec().hidden;
@@ -390,6 +392,6 @@ fn missing(todo: &[(u32, Vec<u32>)], layer: usize, why: &str) -> WorkerError {
 }
 
 /// A watch of route tables fed from a coordinator's committed placements.
-pub fn route_table_channel() -> (watch::Sender<Option<Arc<RouteTable>>>, watch::Receiver<Option<Arc<RouteTable>>>) {
+pub fn route_table_channel() -> (RouteTableTx, RouteTableRx) {
     watch::channel(None)
 }

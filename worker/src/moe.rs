@@ -175,18 +175,17 @@ impl Frontend {
         })
         .await?
     }
+}
 
-    /// The shared expert's output [tokens, hidden], if the model has one, on the compute pool.
-    pub async fn shared(&self, front: &Arc<LayerFront>, inp: &Arc<MoeInput>) -> Result<Option<Vec<f32>>> {
-        let Some(ffn) = front.shared.clone() else { return Ok(None) };
-        let inp = inp.clone();
-        on_pool(move || -> Result<Option<Vec<f32>>> {
-            let mut out = vec![0f32; inp.hidden_states.len()];
-            ffn.forward(&inp.hidden_states, inp.tokens, &mut out)?;
-            Ok(Some(out))
-        })
-        .await?
-    }
+/// The shared expert's output [tokens, hidden], if the model has one, on the compute pool.
+pub async fn shared_expert(front: Arc<LayerFront>, inp: Arc<MoeInput>) -> Result<Option<Vec<f32>>> {
+    let Some(ffn) = front.shared.clone() else { return Ok(None) };
+    on_pool(move || -> Result<Option<Vec<f32>>> {
+        let mut out = vec![0f32; inp.hidden_states.len()];
+        ffn.forward(&inp.hidden_states, inp.tokens, &mut out)?;
+        Ok(Some(out))
+    })
+    .await?
 }
 
 fn poisoned() -> WorkerError {
@@ -279,7 +278,7 @@ impl LocalMoe {
                 ffns.push((e, self.expert(inp.layer, e).await?));
             }
         }
-        let shared = self.front.shared(&front, &inp).await?;
+        let shared = shared_expert(front.clone(), inp.clone()).await?;
         let (h, k) = (spec.hidden, spec.top_k);
         let inp2 = inp.clone();
         let y = on_pool(move || -> Result<Vec<f32>> {

@@ -16,14 +16,13 @@ use expertmesh_proto::v1::{
     DeregisterRequest, DeviceInfo, HeartbeatRequest, LoadReport, PlacementPlan, RegisterRequest, ReportReadyRequest,
     WatchPlacementRequest, WorkerInfo,
 };
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::checkpoint::Checkpoint;
 use crate::compute::on_pool;
-use crate::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable};
+use crate::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
 use crate::error::{Result, WorkerError};
 use crate::moe::Frontend;
 use crate::service::{ExpertServiceImpl, ExpertStore, MoeLayerImpl};
@@ -68,7 +67,7 @@ pub async fn connect_coordinator(addr: &str, deadline: Duration) -> Result<Coord
 /// the watch drops. `on_event` sees every event first (workers load proposed plans there).
 pub async fn follow_placement<F, Fut>(
     mut client: CoordinatorClient<Channel>,
-    tx: watch::Sender<Option<Arc<RouteTable>>>,
+    tx: RouteTableTx,
     shutdown: CancellationToken,
     mut on_event: F,
 ) where
