@@ -101,7 +101,11 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<()> {
         memory_bytes,
         tflops: 1.0,
         max_message_bytes: a.max_message_mib << 20,
-        dispatcher: DispatcherConfig { max_message_bytes: a.max_message_mib << 20, ..Default::default() },
+        dispatcher: DispatcherConfig {
+            max_message_bytes: a.max_message_mib << 20,
+            placement_wait: Duration::from_millis(a.placement_wait_ms),
+            ..Default::default()
+        },
     };
     let stop = shutdown_on_signals();
     run_worker(cfg, stop).await?;
@@ -413,6 +417,9 @@ pub(crate) async fn up(a: UpArgs) -> Result<()> {
                 "  {:<13} {:<21} {:>7} {:>17}\n",
                 info.worker_id, info.address, w.experts_held, w.tokens_total
             ));
+            if !w.error.is_empty() {
+                s.push_str(&format!("      error: {}\n", w.error));
+            }
         }
         print!("{s}");
         let _ = std::io::stdout().flush();
@@ -443,7 +450,7 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
                 let i = w.info.clone().unwrap_or_default();
                 serde_json::json!({"worker_id": i.worker_id, "address": i.address, "node": i.node,
                     "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
-                    "heartbeat_age_s": w.heartbeat_age_s})
+                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error})
             })
             .collect();
         println!(
@@ -464,6 +471,9 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
             "  {:<14} {:<22} node {:<12} experts {:>5}  tokens {:>10}  heartbeat {:.1}s ago",
             i.worker_id, i.address, i.node, w.experts_held, w.tokens_total, w.heartbeat_age_s
         );
+        if !w.error.is_empty() {
+            println!("      error: {}", w.error);
+        }
     }
     Ok(())
 }

@@ -52,7 +52,8 @@ pub(crate) struct ModelSource {
     /// Preset for the synthetic model when --model is not given.
     #[arg(long, default_value = "deepseek-v3")]
     pub(crate) preset: String,
-    #[arg(long, default_value_t = 3)]
+    /// Layers of the synthetic model (DeepSeek V3 keeps its first 3 dense: 6 gives 3 MoE layers).
+    #[arg(long, default_value_t = 6)]
     pub(crate) layers: usize,
     #[arg(long, default_value_t = 32)]
     pub(crate) experts: usize,
@@ -135,6 +136,9 @@ pub(crate) struct WorkerArgs {
     pub(crate) memory_gib: Option<f64>,
     #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
     pub(crate) max_message_mib: usize,
+    /// How long a MoeLayer request waits for a (newer) committed placement before UNAVAILABLE.
+    #[arg(long, default_value_t = 20_000, env = env::PLACEMENT_WAIT_MS)]
+    pub(crate) placement_wait_ms: u64,
 }
 
 #[derive(Debug, Args)]

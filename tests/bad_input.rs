@@ -151,6 +151,19 @@ async fn expert_service_names_unheld_experts_and_bad_batches() {
     // Wait for the placement to commit, using a forward through the dispatcher.
     let mut moe = cluster.moe_client(0).await;
     still_serves(&mut moe, dir.path(), &spec).await;
+    // The whole block on a dense layer is refused, naming the MoE layers.
+    let (x, _) = random_input(&spec, 2, 3);
+    let err = moe
+        .forward(ForwardRequest {
+            layer: 0,
+            hidden_states: Some(f32_tensor(&[2, spec.hidden], &x)),
+            input_ids: None,
+            wire_dtype: 0,
+        })
+        .await
+        .expect_err("dense layer");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("layer 0 is a dense layer") && err.message().contains("1..=3"), "{}", err.message());
     let mut c = ExpertServiceClient::connect(format!("http://{}", cluster.workers[0].addr)).await.unwrap();
     let h = spec.hidden;
     let layer = spec.moe_layers()[0] as u32;
@@ -209,4 +222,39 @@ async fn expert_service_names_unheld_experts_and_bad_batches() {
 
 fn futures_once(b: ExpertBatch) -> impl tokio_stream::Stream<Item = ExpertBatch> {
     tokio_stream::iter(vec![b])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_are_served() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let (dir, _spec) = gen_model("tiny-mixtral", DType::BF16, PresetOverrides::default(), 1);
+    let cluster = Cluster::start(dir.path(), 1, &[]);
+    for (addr, service) in [
+        (&cluster.coordinator.addr, "expertmesh.v1.Coordinator"),
+        (&cluster.workers[0].addr, "expertmesh.v1.ExpertService"),
+    ] {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut h = HealthClient::new(ch.clone());
+        for name in ["", service] {
+            let r = h.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner();
+            assert_eq!(r.status(), ServingStatus::Serving, "{addr} health of `{name}`");
+        }
+        let mut refl = ServerReflectionClient::new(ch);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+        let msg = resp.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("no service list") };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == service), "{addr} reflection lists {names:?}");
+    }
 }

@@ -13,7 +13,7 @@ use expertmesh_worker::synth::{write_safetensors, OwnedTensor};
 use expertmesh_worker::Checkpoint;
 
 /// Rewrite the shard holding `name` with `f` applied to its tensors.
-fn edit_tensor(dir: &std::path::Path, f: impl Fn(&mut BTreeMap<String, OwnedTensor>)) {
+fn edit_tensor(dir: &std::path::Path, mut f: impl FnMut(&mut BTreeMap<String, OwnedTensor>)) {
     for p in std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()) {
         if p.extension().is_none_or(|x| x != "safetensors") {
             continue;
@@ -76,6 +76,33 @@ fn checkpoint_errors_name_the_tensor_and_the_expectation() {
     std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err().to_string();
     assert!(e.contains("truncated") || e.contains("bad safetensors header"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_file_checkpoint_without_index_loads_the_same() {
+    let (dir, spec) = gen_model("tiny-v3", DType::F16, PresetOverrides::default(), 8);
+    // Merge the shards into one model.safetensors and drop the index.
+    let mut all = BTreeMap::new();
+    edit_tensor(dir.path(), |m| all.extend(m.clone()));
+    for p in std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.path()) {
+        let n = p.file_name().unwrap().to_string_lossy().into_owned();
+        if n.ends_with(".safetensors") || n.ends_with(".index.json") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    write_safetensors(&dir.path().join("model.safetensors"), &all).unwrap();
+    let ck = std::sync::Arc::new(Checkpoint::open(dir.path()).unwrap());
+    let moe =
+        expertmesh_worker::moe::LocalMoe::new(ck, std::sync::Arc::new(expertmesh_kernels::cpu::CpuBackend::new()));
+    for layer in spec.moe_layers() {
+        let (x, ids) = random_input(&spec, 17, layer as u64);
+        let r = reference(dir.path(), &spec, layer, &x, 17, Some(&ids));
+        let out = moe
+            .forward(expertmesh_worker::moe::MoeInput { layer, tokens: 17, hidden_states: x, input_ids: None })
+            .await
+            .unwrap();
+        assert!(rel_l2_f32(&out.output, &r.output) < 1e-5);
+    }
 }
 
 #[test]
@@ -199,4 +226,54 @@ fn up_runs_a_bounded_demo_and_reports() {
     assert!(o.status.success(), "up failed: {}\n{out}", String::from_utf8_lossy(&o.stderr));
     assert!(out.contains("tokens/s") && out.contains("p99 ms") && out.contains("worker-2"), "{out}");
     assert!(out.contains("0 errors"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_load_its_experts_is_reported_not_served_from() {
+    use common::cluster::Cluster;
+    use expertmesh_proto::v1::ForwardRequest;
+    use expertmesh_worker::wire::f32_tensor;
+
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 4);
+    let l = spec.moe_layers()[0];
+    let missing = spec.expert_weight_name(l, 5, expertmesh_core::Proj::Up);
+    let m2 = missing.clone();
+    edit_tensor(dir.path(), move |m| {
+        m.remove(&m2);
+    });
+    let cluster = Cluster::start_with(dir.path(), 2, &[], &["--placement-wait-ms", "1500"]);
+    let t = std::time::Instant::now();
+    let (v, errors) = loop {
+        let o =
+            Command::new(BIN).args(["status", "--json", "--coordinator", &cluster.coordinator.addr]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let errors: Vec<String> = v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|w| w["error"].as_str().filter(|e| !e.is_empty()).map(String::from))
+            .collect();
+        if !errors.is_empty() {
+            break (v, errors);
+        }
+        assert!(t.elapsed().as_secs() < 30, "no worker reported the load failure:\n{}", cluster.dump_logs());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert!(errors[0].contains(&format!("tensor `{missing}` is missing")), "{errors:?}");
+    assert_eq!(v["current_epoch"], 0, "a placement that cannot load is never committed");
+    // Requests are refused with a clear error, not answered wrongly; the worker keeps serving.
+    let mut c = cluster.moe_client(0).await;
+    let (x, _) = random_input(&spec, 3, 1);
+    let err = c
+        .forward(ForwardRequest {
+            layer: l as u32,
+            hidden_states: Some(f32_tensor(&[3, spec.hidden], &x)),
+            input_ids: None,
+            wire_dtype: 0,
+        })
+        .await
+        .expect_err("no placement");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("no placement committed"), "{}", err.message());
 }

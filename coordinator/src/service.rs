@@ -49,6 +49,7 @@ struct Member {
     last_heartbeat: Instant,
     ready_epoch: u64,
     load: HashMap<(u32, u32), u64>,
+    error: String,
 }
 
 #[derive(Debug, Default)]
@@ -194,7 +195,14 @@ impl Coordinator for CoordinatorService {
             .map_err(Status::from)?;
         st.members.insert(
             info.worker_id.clone(),
-            Member { info, lease_id, last_heartbeat: Instant::now(), ready_epoch: 0, load: HashMap::new() },
+            Member {
+                info,
+                lease_id,
+                last_heartbeat: Instant::now(),
+                ready_epoch: 0,
+                load: HashMap::new(),
+                error: String::new(),
+            },
         );
         st.dirty_since = Some(Instant::now());
         Ok(Response::new(RegisterResponse {
@@ -288,6 +296,12 @@ impl Coordinator for CoordinatorService {
             .members
             .get_mut(&r.worker_id)
             .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
+        if !r.error.is_empty() {
+            warn!(worker = %r.worker_id, epoch = r.epoch, error = %r.error, "worker cannot load its experts; placement cannot commit");
+            m.error = r.error;
+            return Ok(Response::new(ReportReadyResponse {}));
+        }
+        m.error.clear();
         m.ready_epoch = m.ready_epoch.max(r.epoch);
         c.store
             .put(&c.key(&format!("placement/{}/ready/{}", r.epoch, r.worker_id)), vec![])
@@ -330,6 +344,7 @@ impl Coordinator for CoordinatorService {
                     tokens_total: m.load.values().sum(),
                     ready_epoch: m.ready_epoch,
                     heartbeat_age_s: m.last_heartbeat.elapsed().as_secs_f64(),
+                    error: m.error.clone(),
                 })
                 .collect(),
             model_type: c.spec.model_type.clone(),

@@ -66,6 +66,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(model: &Path, n: usize, extra_coord: &[&str]) -> Self {
+        Self::start_with(model, n, extra_coord, &[])
+    }
+
+    pub fn start_with(model: &Path, n: usize, extra_coord: &[&str], extra_worker: &[&str]) -> Self {
         let logs = tempfile::tempdir().unwrap();
         let m = model.display().to_string();
         let ns = n.to_string();
@@ -75,21 +79,19 @@ impl Cluster {
         let workers = (0..n)
             .map(|i| {
                 let id = format!("w{i}");
-                spawn(
-                    &[
-                        "worker",
-                        "--coordinator",
-                        &coordinator.addr,
-                        "--listen",
-                        "127.0.0.1:0",
-                        "--id",
-                        &id,
-                        "--device",
-                        "cpu",
-                    ],
-                    "EXPERTMESH_WORKER_READY",
-                    &logs.path().join(format!("{id}.log")),
-                )
+                let mut args = vec![
+                    "worker",
+                    "--coordinator",
+                    &coordinator.addr,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--id",
+                    &id,
+                    "--device",
+                    "cpu",
+                ];
+                args.extend_from_slice(extra_worker);
+                spawn(&args, "EXPERTMESH_WORKER_READY", &logs.path().join(format!("{id}.log")))
             })
             .collect();
         Self { coordinator, workers, logs }

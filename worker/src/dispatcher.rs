@@ -163,7 +163,10 @@ impl Dispatcher {
             Ok(Ok(t)) => Ok(t.clone().expect("checked by wait_for")),
             Ok(Err(_)) => Err(WorkerError::Unavailable("placement watch closed".into())),
             Err(_) => Err(WorkerError::Unavailable(match after {
-                None => format!("no placement committed within {:?}", self.cfg.placement_wait),
+                None => format!(
+                    "no placement committed within {:?} (`expertmesh status` shows workers that cannot load their experts)",
+                    self.cfg.placement_wait
+                ),
                 Some(e) => format!("no placement newer than epoch {e} within {:?}", self.cfg.placement_wait),
             })),
         }

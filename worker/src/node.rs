@@ -279,10 +279,12 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
                         Ok(Ok(v)) => {
                             store.insert(v);
                             info!(worker = %id, epoch = plan.epoch, loaded = n, held = mine.len(), "experts loaded; ready");
-                            let _ = rc.report_ready(ReportReadyRequest { worker_id: id.clone(), epoch: plan.epoch }).await;
+                            let _ = rc.report_ready(ReportReadyRequest { worker_id: id.clone(), epoch: plan.epoch, error: String::new() }).await;
                         }
                         Ok(Err(e)) | Err(e) => {
-                            warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot load experts for the proposed placement")
+                            warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot load experts for the proposed placement");
+                            let error = format!("cannot load experts for placement epoch {}: {e}", plan.epoch);
+                            let _ = rc.report_ready(ReportReadyRequest { worker_id: id.clone(), epoch: plan.epoch, error }).await;
                         }
                     }
                 }
