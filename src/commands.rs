@@ -410,7 +410,7 @@ pub(crate) async fn up(a: UpArgs) -> Result<()> {
                 ));
             }
         }
-        s.push_str("  worker        address               experts   tokens computed\n");
+        s.push_str("  worker        address               experts   rows computed\n");
         for w in status.map(|s| s.workers).unwrap_or_default() {
             let info = w.info.unwrap_or_default();
             s.push_str(&format!(
@@ -432,6 +432,14 @@ pub(crate) async fn up(a: UpArgs) -> Result<()> {
         let _ = d.await;
     }
     cluster.stop().await;
+    let done = tokens_done.load(std::sync::atomic::Ordering::Relaxed);
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "done: {done} tokens through {} MoE layers in {secs:.1} s ({:.0} tokens/s on average); logs in {}",
+        layers.len(),
+        done as f64 / secs,
+        log_dir.display()
+    );
     let errs = errors.load(std::sync::atomic::Ordering::Relaxed);
     if errs > 0 {
         bail!("{errs} requests failed; see the logs in {}", log_dir.display());
