@@ -382,10 +382,7 @@ pub async fn serve(
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(expertmesh_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| CoordinatorError::InvalidInput(format!("reflection: {e}")))?;
+    let reflection = expertmesh_proto::reflection_service().map_err(CoordinatorError::InvalidInput)?;
     info!(%addr, "coordinator serving");
     tonic::transport::Server::builder()
         .add_service(health)

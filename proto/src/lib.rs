@@ -14,3 +14,15 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("expe
 
 /// Default ceiling for one gRPC message (both directions). Batches are chunked well below it.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// The gRPC reflection service (v1) for every `expertmesh.v1` service, so `grpcurl` works
+/// against any ExpertMesh server.
+pub fn reflection_service() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    String,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| format!("building the reflection service: {e}"))
+}

@@ -167,10 +167,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     let server_stop = CancellationToken::new();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExpertServiceServer<ExpertServiceImpl>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(expertmesh_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| WorkerError::Internal(format!("reflection: {e}")))?;
+    let reflection = expertmesh_proto::reflection_service().map_err(WorkerError::Internal)?;
     let max = cfg.max_message_bytes;
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
