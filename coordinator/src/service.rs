@@ -116,7 +116,7 @@ impl CoordinatorCore {
             if all_ready {
                 let p = st.pending.take().unwrap_or_default();
                 info!(epoch = p.epoch, workers = p.workers.len(), "placement committed");
-                self.store.put(&self.key("placement/current"), p.epoch.to_string().into_bytes()).await?;
+                self.store.put(&self.key("placement/current"), p.epoch.to_string().into_bytes(), None).await?;
                 st.current = Some(p.clone());
                 let _ = self.events.send(PlacementEvent { plan: Some(p), committed: true });
             }
@@ -162,7 +162,7 @@ impl CoordinatorCore {
                 .collect(),
         };
         info!(epoch = msg.epoch, workers = msg.workers.len(), policy = self.policy.name(), "placement proposed");
-        self.store.put(&self.key(&format!("placement/{}", msg.epoch)), msg.encode_to_vec()).await?;
+        self.store.put(&self.key(&format!("placement/{}", msg.epoch)), msg.encode_to_vec(), None).await?;
         st.pending = Some(msg.clone());
         let _ = self.events.send(PlacementEvent { plan: Some(msg), committed: false });
         Ok(())
@@ -190,7 +190,7 @@ impl Coordinator for CoordinatorService {
         st.next_lease += 1;
         info!(worker = %info.worker_id, address = %info.address, "worker registered");
         c.store
-            .put(&c.key(&format!("workers/{}", info.worker_id)), info.encode_to_vec())
+            .put(&c.key(&format!("workers/{}", info.worker_id)), info.encode_to_vec(), None)
             .await
             .map_err(Status::from)?;
         st.members.insert(
@@ -304,7 +304,7 @@ impl Coordinator for CoordinatorService {
         m.error.clear();
         m.ready_epoch = m.ready_epoch.max(r.epoch);
         c.store
-            .put(&c.key(&format!("placement/{}/ready/{}", r.epoch, r.worker_id)), vec![])
+            .put(&c.key(&format!("placement/{}/ready/{}", r.epoch, r.worker_id)), vec![], None)
             .await
             .map_err(Status::from)?;
         Ok(Response::new(ReportReadyResponse {}))
@@ -360,7 +360,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let store: Arc<dyn MetadataStore> = Arc::new(EmbeddedStore::default());
+    let store: Arc<dyn MetadataStore> = Arc::new(EmbeddedStore::new());
     let core = CoordinatorCore::new(cfg, store)?;
     let addr: SocketAddr = listener.local_addr()?;
     let ticker = {

@@ -1,0 +1,144 @@
+//! The etcd v3 store (`etcd-client`): leases for membership, revisions and watches for
+//! placement, transactions for compare-and-put.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use tokio::sync::mpsc;
+
+use super::{KeyValue, LeaseId, MetadataStore, StoreEvent};
+use crate::error::{CoordinatorError, Result};
+
+/// A store in an etcd v3 cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    endpoints: Vec<String>,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore").field("endpoints", &self.endpoints).finish()
+    }
+}
+
+fn err(what: &str, e: etcd_client::Error) -> CoordinatorError {
+    CoordinatorError::Store(format!("etcd {what}: {e}"))
+}
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: k.value().to_vec(),
+        mod_revision: k.mod_revision() as u64,
+    }
+}
+
+impl EtcdStore {
+    /// Connect to `endpoints` (`host:port`).
+    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(|e| CoordinatorError::Store(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
+        Ok(Self { client, endpoints: endpoints.to_vec() })
+    }
+}
+
+#[async_trait]
+impl MetadataStore for EtcdStore {
+    async fn put(&self, key: &str, value: Vec<u8>, lease: Option<LeaseId>) -> Result<u64> {
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let r = self.client.clone().put(key, value, opts).await.map_err(|e| err("put", e))?;
+        Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
+        let r = self.client.clone().get(key, None).await.map_err(|e| err("get", e))?;
+        Ok(r.kvs().first().map(kv))
+    }
+
+    async fn delete(&self, key: &str) -> Result<u64> {
+        let r = self.client.clone().delete(key, None).await.map_err(|e| err("delete", e))?;
+        Ok(r.header().map(|h| h.revision() as u64).unwrap_or(0))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64)> {
+        let r =
+            self.client.clone().get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(|e| err("list", e))?;
+        let rev = r.header().map(|h| h.revision() as u64).unwrap_or(0);
+        let mut kvs: Vec<KeyValue> = r.kvs().iter().map(kv).collect();
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok((kvs, rev))
+    }
+
+    async fn put_if(&self, key: &str, value: Vec<u8>, expected: u64, lease: Option<LeaseId>) -> Result<Option<u64>> {
+        let cmp = Compare::mod_revision(key, CompareOp::Equal, expected as i64);
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new().when([cmp]).and_then([TxnOp::put(key, value, opts)]);
+        let r = self.client.clone().txn(txn).await.map_err(|e| err("txn", e))?;
+        Ok(r.succeeded().then(|| r.header().map(|h| h.revision() as u64).unwrap_or(0)))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let r = self.client.clone().lease_grant(secs, None).await.map_err(|e| err("lease grant", e))?;
+        Ok(r.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
+        let (mut keeper, mut stream) =
+            self.client.clone().lease_keep_alive(lease).await.map_err(|e| err("lease keep-alive", e))?;
+        keeper.keep_alive().await.map_err(|e| err("lease keep-alive", e))?;
+        match stream.message().await.map_err(|e| err("lease keep-alive", e))? {
+            Some(r) => Ok(r.ttl() > 0),
+            None => Err(CoordinatorError::Store("etcd lease keep-alive: stream closed".into())),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        match self.client.clone().lease_revoke(lease).await {
+            Ok(_) => Ok(()),
+            // Already gone is what the caller wanted.
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(err("lease revoke", e)),
+        }
+    }
+
+    async fn watch(&self, prefix: &str, after: u64) -> Result<mpsc::Receiver<StoreEvent>> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if after > 0 {
+            opts = opts.with_start_revision(after as i64 + 1);
+        }
+        let mut stream = self.client.clone().watch(prefix, Some(opts)).await.map_err(|e| err("watch", e))?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    _ => return,
+                };
+                if resp.canceled() || resp.compact_revision() > 0 {
+                    return;
+                }
+                for ev in resp.events() {
+                    let Some(k) = ev.kv() else { continue };
+                    let deleted = matches!(ev.event_type(), etcd_client::EventType::Delete);
+                    let e = StoreEvent {
+                        key: String::from_utf8_lossy(k.key()).into_owned(),
+                        value: (!deleted).then(|| k.value().to_vec()),
+                        revision: k.mod_revision() as u64,
+                    };
+                    if tx.send(e).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}

@@ -1,0 +1,90 @@
+//! One test suite for both metadata stores: the embedded one and a real etcd started here.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::etcd::Etcd;
+use expertmesh_coordinator::store::{open_store, EmbeddedStore, MetadataStore, StoreEvent};
+
+async fn next(rx: &mut tokio::sync::mpsc::Receiver<StoreEvent>) -> StoreEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("watch event in time").expect("watch open")
+}
+
+async fn suite(s: Arc<dyn MetadataStore>) {
+    // put / get / revisions
+    let r1 = s.put("/t/a", b"1".to_vec(), None).await.unwrap();
+    let r2 = s.put("/t/b", b"2".to_vec(), None).await.unwrap();
+    s.put("/u/x", b"x".to_vec(), None).await.unwrap();
+    assert!(r2 > r1);
+    let a = s.get("/t/a").await.unwrap().unwrap();
+    assert_eq!((a.value.as_slice(), a.mod_revision), (&b"1"[..], r1));
+    assert!(s.get("/t/none").await.unwrap().is_none());
+    let (kvs, rev) = s.list("/t/").await.unwrap();
+    assert_eq!(kvs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["/t/a", "/t/b"]);
+    assert!(rev >= r2);
+
+    // compare-and-put: create only if absent, then only at the revision read
+    let c1 = s.put_if("/t/epoch", b"1".to_vec(), 0, None).await.unwrap().expect("created");
+    assert!(s.put_if("/t/epoch", b"x".to_vec(), 0, None).await.unwrap().is_none(), "exists: create fails");
+    assert!(s.put_if("/t/epoch", b"x".to_vec(), c1 + 100, None).await.unwrap().is_none(), "stale revision fails");
+    let c2 = s.put_if("/t/epoch", b"2".to_vec(), c1, None).await.unwrap().expect("current revision wins");
+    assert!(c2 > c1);
+    assert_eq!(s.get("/t/epoch").await.unwrap().unwrap().value, b"2");
+
+    // watch from a past revision replays what happened after it, then follows live changes
+    let mut w = s.watch("/t/", r1).await.unwrap();
+    let e = next(&mut w).await;
+    assert_eq!((e.key.as_str(), e.revision), ("/t/b", r2));
+    assert_eq!(next(&mut w).await.revision, c1);
+    assert_eq!(next(&mut w).await.revision, c2);
+    s.put("/u/ignored", b"-".to_vec(), None).await.unwrap();
+    let d = s.delete("/t/a").await.unwrap();
+    let e = next(&mut w).await;
+    assert_eq!((e.key.as_str(), e.value.clone(), e.revision), ("/t/a", None, d), "delete seen, other prefix not");
+
+    // leases: kept alive the key stays; revoked it goes; left alone it expires
+    let ttl = Duration::from_secs(2);
+    let l = s.grant_lease(ttl).await.unwrap();
+    s.put("/t/lease/kept", b"k".to_vec(), Some(l)).await.unwrap();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(s.keep_alive(l).await.unwrap(), "lease alive while kept");
+    }
+    assert!(s.get("/t/lease/kept").await.unwrap().is_some(), "kept past its TTL by keep-alives");
+    s.revoke(l).await.unwrap();
+    assert!(s.get("/t/lease/kept").await.unwrap().is_none(), "revoked lease removes its keys");
+    assert!(!s.keep_alive(l).await.unwrap_or(false), "revoked lease cannot be kept alive");
+    let e = next(&mut w).await;
+    assert_eq!((e.key.as_str(), e.value.clone()), ("/t/lease/kept", Some(b"k".to_vec())));
+    let e = next(&mut w).await;
+    assert_eq!((e.key.as_str(), e.value.clone()), ("/t/lease/kept", None));
+
+    let l2 = s.grant_lease(ttl).await.unwrap();
+    s.put("/t/lease/expiring", b"e".to_vec(), Some(l2)).await.unwrap();
+    assert_eq!(next(&mut w).await.value, Some(b"e".to_vec()));
+    let e = tokio::time::timeout(Duration::from_secs(15), w.recv()).await.expect("expiry within the TTL").unwrap();
+    assert_eq!((e.key.as_str(), e.value), ("/t/lease/expiring", None), "expired lease deletes its key");
+    assert!(s.put("/t/x", b"-".to_vec(), Some(l2)).await.is_err(), "writing under an expired lease fails");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_passes_the_suite() {
+    suite(Arc::new(EmbeddedStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_passes_the_suite() {
+    let etcd = Etcd::start();
+    let store = open_store(&format!("etcd://{}", etcd.endpoint())).await.unwrap();
+    suite(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_urls_are_checked() {
+    let e = open_store("zookeeper://x").await.unwrap_err().to_string();
+    assert!(e.contains("expected `embedded` or `etcd://"), "{e}");
+    let e = open_store("etcd://").await.unwrap_err().to_string();
+    assert!(e.contains("no etcd endpoint"), "{e}");
+}
