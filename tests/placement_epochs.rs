@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{spawn, Cluster};
+use common::cluster::Cluster;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
@@ -74,11 +74,7 @@ async fn join_and_graceful_leave_under_traffic_lose_nothing() {
     };
     tokio::time::sleep(Duration::from_millis(700)).await;
     // A third worker joins: epoch 2 spreads experts over three workers.
-    let w2 = spawn(
-        &["worker", "--coordinator", &cluster.coordinator.addr, "--listen", "127.0.0.1:0", "--id", "w2"],
-        "EXPERTMESH_WORKER_READY",
-        &cluster.logs.path().join("w2.log"),
-    );
+    cluster.add_worker("w2", &[]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // w1 leaves gracefully: it deregisters, the coordinator re-plans without it (epoch 3).
     let pid = cluster.workers[1].child.id().to_string();
@@ -102,5 +98,4 @@ async fn join_and_graceful_leave_under_traffic_lose_nothing() {
     assert!(failures.is_empty(), "{failures:#?}\n{}", cluster.dump_logs());
     assert_eq!(sent, correct);
     assert!(epochs.first() == Some(&1) && epochs.last() == Some(&3), "epochs {epochs:?}");
-    cluster.workers.push(w2);
 }

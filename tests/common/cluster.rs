@@ -70,31 +70,30 @@ impl Cluster {
     }
 
     pub fn start_with(model: &Path, n: usize, extra_coord: &[&str], extra_worker: &[&str]) -> Self {
+        let mut c = Self::coordinator_only(model, n, extra_coord);
+        for i in 0..n {
+            c.add_worker(&format!("w{i}"), extra_worker);
+        }
+        c
+    }
+
+    /// A coordinator that waits for `expect` workers, and no workers yet.
+    pub fn coordinator_only(model: &Path, expect: usize, extra_coord: &[&str]) -> Self {
         let logs = tempfile::tempdir().unwrap();
         let m = model.display().to_string();
-        let ns = n.to_string();
+        let ns = expect.to_string();
         let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--model", &m, "--expect-workers", &ns];
         args.extend_from_slice(extra_coord);
         let coordinator = spawn(&args, "EXPERTMESH_COORDINATOR_READY", &logs.path().join("coordinator.log"));
-        let workers = (0..n)
-            .map(|i| {
-                let id = format!("w{i}");
-                let mut args = vec![
-                    "worker",
-                    "--coordinator",
-                    &coordinator.addr,
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--id",
-                    &id,
-                    "--device",
-                    "cpu",
-                ];
-                args.extend_from_slice(extra_worker);
-                spawn(&args, "EXPERTMESH_WORKER_READY", &logs.path().join(format!("{id}.log")))
-            })
-            .collect();
-        Self { coordinator, workers, logs }
+        Self { coordinator, workers: Vec::new(), logs }
+    }
+
+    /// Start a worker `id` and wait until it serves.
+    pub fn add_worker(&mut self, id: &str, extra: &[&str]) {
+        let mut args = vec!["worker", "--coordinator", &self.coordinator.addr, "--listen", "127.0.0.1:0", "--id", id];
+        args.extend_from_slice(extra);
+        let p = spawn(&args, "EXPERTMESH_WORKER_READY", &self.logs.path().join(format!("{id}.log")));
+        self.workers.push(p);
     }
 
     /// A MoeLayer client on worker `i`.

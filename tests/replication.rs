@@ -1,0 +1,73 @@
+//! `--replicas R`: every expert on R distinct workers (distinct nodes where there are several),
+//! dispatchers spread each expert's rows over its replicas, and answers stay correct.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::cluster::Cluster;
+use common::*;
+use expertmesh_core::config::PresetOverrides;
+use expertmesh_core::dtype::DType;
+use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
+use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
+use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest, GetPlacementRequest};
+use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_distinct_nodes_share_the_rows() {
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 31);
+    // Four workers on two "nodes": replicas must land on different nodes.
+    let mut cluster = Cluster::coordinator_only(dir.path(), 4, &["--replicas", "2"]);
+    for (i, node) in ["n0", "n0", "n1", "n1"].iter().enumerate() {
+        cluster.add_worker(&format!("w{i}"), &["--node", node]);
+    }
+    let mut moe = cluster.moe_client(0).await;
+    let tokens = 200;
+    let mut routed = 0u64;
+    for (i, layer) in spec.moe_layers().into_iter().enumerate() {
+        let (x, ids) = random_input(&spec, tokens, 40 + i as u64);
+        let r = reference(dir.path(), &spec, layer, &x, tokens, Some(&ids));
+        let resp = moe
+            .forward(ForwardRequest {
+                layer: layer as u32,
+                hidden_states: Some(f32_tensor(&[tokens, spec.hidden], &x)),
+                input_ids: Some(i64_tensor(&[tokens], &ids)),
+                wire_dtype: PDType::DtypeF32 as i32,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.dump_logs()))
+            .into_inner();
+        let (out, _) = tensor_to_f32(resp.output.as_ref().unwrap(), "output").unwrap();
+        assert!(rel_l2_f32(&out, &r.output) < 1e-5);
+        routed += (tokens * spec.top_k) as u64;
+    }
+    // The committed plan: two replicas per expert, on distinct workers and distinct nodes.
+    let mut c = CoordinatorClient::connect(format!("http://{}", cluster.coordinator.addr)).await.unwrap();
+    let plan = c.get_placement(GetPlacementRequest {}).await.unwrap().into_inner();
+    assert_eq!(plan.workers.len(), 4);
+    let node_of: HashMap<u32, String> =
+        plan.workers.iter().enumerate().map(|(i, w)| (i as u32, w.node.clone())).collect();
+    for l in &plan.layers {
+        for (e, reps) in l.experts.iter().enumerate() {
+            assert_eq!(reps.workers.len(), 2, "layer {} expert {e}", l.layer);
+            let nodes: HashSet<&String> = reps.workers.iter().map(|w| &node_of[w]).collect();
+            assert_eq!(nodes.len(), 2, "layer {} expert {e}: replicas on one node", l.layer);
+        }
+    }
+    // Rows computed once in total, and spread: experts with many rows were computed on both replicas.
+    let mut per_expert: HashMap<(u32, u32), Vec<u64>> = HashMap::new();
+    let mut total = 0;
+    for w in &cluster.workers {
+        let mut ec = ExpertServiceClient::connect(format!("http://{}", w.addr)).await.unwrap();
+        for e in ec.counters(CountersRequest {}).await.unwrap().into_inner().experts {
+            per_expert.entry((e.layer, e.expert)).or_default().push(e.tokens);
+            total += e.tokens;
+        }
+    }
+    assert_eq!(total, routed, "every routed pair computed exactly once across replicas");
+    let spread = per_expert.values().filter(|v| v.len() == 2).count();
+    let busy = per_expert.values().filter(|v| v.iter().sum::<u64>() >= 2).count();
+    println!("experts with rows on both replicas: {spread} of {busy} with >= 2 rows");
+    assert_eq!(spread, busy, "an expert with two or more rows has them split over both replicas");
+}
