@@ -68,7 +68,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> Result<()> {
     let addr = listener.local_addr()?;
     println!("EXPERTMESH_COORDINATOR_READY addr={addr}");
     let _ = std::io::stdout().flush();
-    expertmesh_coordinator::serve(cfg, listener, shutdown_on_signals()).await?;
+    expertmesh_coordinator::serve(cfg, &a.store, listener, shutdown_on_signals()).await?;
     Ok(())
 }
 

@@ -107,6 +107,9 @@ pub(crate) struct CoordinatorArgs {
     pub(crate) lease_ttl_ms: u64,
     #[arg(long, default_value = "default", env = env::CLUSTER)]
     pub(crate) cluster: String,
+    /// Where cluster state lives: `embedded` (in this process) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, default_value = "embedded", env = env::STORE)]
+    pub(crate) store: String,
 }
 
 #[derive(Debug, Args)]

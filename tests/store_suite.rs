@@ -52,7 +52,11 @@ async fn suite(s: Arc<dyn MetadataStore>) {
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(s.keep_alive(l).await.unwrap(), "lease alive while kept");
     }
-    assert!(s.get("/t/lease/kept").await.unwrap().is_some(), "kept past its TTL by keep-alives");
+    assert_eq!(
+        s.get("/t/lease/kept").await.unwrap().map(|k| k.lease),
+        Some(l),
+        "kept past its TTL, bound to its lease"
+    );
     s.revoke(l).await.unwrap();
     assert!(s.get("/t/lease/kept").await.unwrap().is_none(), "revoked lease removes its keys");
     assert!(!s.keep_alive(l).await.unwrap_or(false), "revoked lease cannot be kept alive");

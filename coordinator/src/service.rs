@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::error::{CoordinatorError, Result};
-use crate::store::{EmbeddedStore, MetadataStore};
+use crate::store::{open_store, LeaseId, MetadataStore};
 
 /// Coordinator settings.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ pub struct CoordinatorConfig {
 #[derive(Debug)]
 struct Member {
     info: WorkerInfo,
-    lease_id: u64,
+    lease_id: LeaseId,
     last_heartbeat: Instant,
     ready_epoch: u64,
     load: HashMap<(u32, u32), u64>,
@@ -55,7 +55,7 @@ struct Member {
 #[derive(Debug, Default)]
 struct State {
     members: BTreeMap<String, Member>,
-    next_lease: u64,
+    /// Highest epoch ever proposed (read back from the store on start).
     epoch: u64,
     current: Option<PlacementPlan>,
     pending: Option<PlacementPlan>,
@@ -80,7 +80,7 @@ impl CoordinatorCore {
         Ok(Arc::new(Self {
             cfg,
             spec,
-            state: Mutex::new(State { next_lease: 1, ..Default::default() }),
+            state: Mutex::new(State::default()),
             store,
             events: broadcast::channel(64).0,
             policy: Box::new(CapacitySpread),
@@ -89,6 +89,96 @@ impl CoordinatorCore {
 
     fn key(&self, rest: &str) -> String {
         format!("/expertmesh/{}/{rest}", self.cfg.cluster)
+    }
+
+    fn plan_key(&self, epoch: u64) -> String {
+        self.key(&format!("placement/{epoch:020}"))
+    }
+
+    fn ready_key(&self, epoch: u64, worker: &str) -> String {
+        self.key(&format!("ready/{epoch:020}/{worker}"))
+    }
+
+    async fn read_plan(&self, epoch: u64) -> Result<Option<PlacementPlan>> {
+        match self.store.get(&self.plan_key(epoch)).await? {
+            Some(kv) => PlacementPlan::decode(kv.value.as_slice())
+                .map(Some)
+                .map_err(|e| CoordinatorError::Store(format!("placement {epoch} in the store does not decode: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    async fn read_epoch(&self, name: &str) -> Result<u64> {
+        Ok(match self.store.get(&self.key(&format!("placement/{name}"))).await? {
+            Some(kv) => String::from_utf8_lossy(&kv.value).trim().parse().unwrap_or(0),
+            None => 0,
+        })
+    }
+
+    /// Rebuild the working state from the store: members (with their leases), the committed
+    /// plan, a proposal in progress and its ready markers. A coordinator restarted against the
+    /// same store resumes where the last one stopped, without re-planning.
+    pub async fn resume(&self) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let (workers, _) = self.store.list(&self.key("workers/")).await?;
+        for kv in workers {
+            let Ok(info) = WorkerInfo::decode(kv.value.as_slice()) else { continue };
+            let m = Member {
+                info,
+                lease_id: kv.lease,
+                // A full TTL for its next heartbeat to reach this coordinator.
+                last_heartbeat: Instant::now(),
+                ready_epoch: 0,
+                load: HashMap::new(),
+                error: String::new(),
+            };
+            st.members.insert(m.info.worker_id.clone(), m);
+        }
+        let (plans, _) = self.store.list(&self.key("placement/0")).await?;
+        st.epoch = plans
+            .iter()
+            .filter_map(|kv| kv.key.rsplit('/').next().and_then(|e| e.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0);
+        let current = self.read_epoch("current").await?;
+        if current > 0 {
+            st.current = self.read_plan(current).await?;
+            let ids: Vec<String> =
+                st.current.iter().flat_map(|p| p.workers.iter().map(|w| w.worker_id.clone())).collect();
+            for id in ids {
+                if let Some(m) = st.members.get_mut(&id) {
+                    m.ready_epoch = current;
+                }
+            }
+        }
+        let pending = self.read_epoch("pending").await?;
+        if pending > current {
+            st.pending = self.read_plan(pending).await?;
+            let (ready, _) = self.store.list(&self.key(&format!("ready/{pending:020}/"))).await?;
+            for kv in ready {
+                let worker = kv.key.rsplit('/').next().unwrap_or_default().to_string();
+                if let Some(m) = st.members.get_mut(&worker) {
+                    if kv.value.is_empty() {
+                        m.ready_epoch = m.ready_epoch.max(pending);
+                    } else {
+                        m.error = String::from_utf8_lossy(&kv.value).into_owned();
+                    }
+                }
+            }
+        }
+        let planned: Vec<&str> =
+            st.current.iter().flat_map(|p| p.workers.iter().map(|w| w.worker_id.as_str())).collect();
+        let members: Vec<&str> = st.members.keys().map(String::as_str).collect();
+        if planned != members {
+            st.dirty_since = Some(Instant::now());
+        }
+        info!(
+            workers = st.members.len(),
+            current_epoch = current,
+            pending_epoch = st.pending.as_ref().map(|p| p.epoch).unwrap_or(0),
+            "coordinator state read from the store"
+        );
+        Ok(())
     }
 
     /// Expire leases, re-plan after membership settles, commit a plan once all its workers are
@@ -100,9 +190,11 @@ impl CoordinatorCore {
             st.members.iter().filter(|(_, m)| m.last_heartbeat.elapsed() > ttl).map(|(k, _)| k.clone()).collect();
         for id in expired {
             warn!(worker = %id, "lease expired; removing worker");
-            st.members.remove(&id);
+            if let Some(m) = st.members.remove(&id) {
+                // The store expires the key with the lease; revoking makes it immediate.
+                self.store.revoke(m.lease_id).await?;
+            }
             st.dirty_since = Some(Instant::now());
-            self.store.delete(&self.key(&format!("workers/{id}"))).await?;
         }
         if let Some(t) = st.dirty_since {
             if t.elapsed() >= Duration::from_millis(150) && st.members.len() >= self.cfg.expect_workers.max(1) {
@@ -117,6 +209,7 @@ impl CoordinatorCore {
                 let p = st.pending.take().unwrap_or_default();
                 info!(epoch = p.epoch, workers = p.workers.len(), "placement committed");
                 self.store.put(&self.key("placement/current"), p.epoch.to_string().into_bytes(), None).await?;
+                self.store.delete(&self.key("placement/pending")).await?;
                 st.current = Some(p.clone());
                 let _ = self.events.send(PlacementEvent { plan: Some(p), committed: true });
             }
@@ -162,7 +255,13 @@ impl CoordinatorCore {
                 .collect(),
         };
         info!(epoch = msg.epoch, workers = msg.workers.len(), policy = self.policy.name(), "placement proposed");
-        self.store.put(&self.key(&format!("placement/{}", msg.epoch)), msg.encode_to_vec(), None).await?;
+        if self.store.put_if(&self.plan_key(msg.epoch), msg.encode_to_vec(), 0, None).await?.is_none() {
+            return Err(CoordinatorError::Store(format!(
+                "placement epoch {} already exists in the store: another coordinator is writing to this cluster",
+                msg.epoch
+            )));
+        }
+        self.store.put(&self.key("placement/pending"), msg.epoch.to_string().into_bytes(), None).await?;
         st.pending = Some(msg.clone());
         let _ = self.events.send(PlacementEvent { plan: Some(msg), committed: false });
         Ok(())
@@ -180,17 +279,23 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<PlacementEvent, Status>> + S
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
-        let info = req.into_inner().worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
+        let req = req.into_inner();
+        let seen_epoch = req.epoch;
+        let info = req.worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
         if info.worker_id.is_empty() || info.address.is_empty() {
             return Err(Status::invalid_argument("register: worker_id and address are required"));
         }
         let c = &self.core;
         let mut st = c.state.lock().await;
-        let lease_id = st.next_lease;
-        st.next_lease += 1;
-        info!(worker = %info.worker_id, address = %info.address, "worker registered");
+        if let Some(old) = st.members.remove(&info.worker_id) {
+            // Registering again (lease lost, or restarted): the old lease goes with its key.
+            c.store.revoke(old.lease_id).await.map_err(Status::from)?;
+        }
+        st.epoch = st.epoch.max(seen_epoch);
+        let lease_id = c.store.grant_lease(c.cfg.lease_ttl).await.map_err(Status::from)?;
+        info!(worker = %info.worker_id, address = %info.address, lease = lease_id, "worker registered");
         c.store
-            .put(&c.key(&format!("workers/{}", info.worker_id)), info.encode_to_vec(), None)
+            .put(&c.key(&format!("workers/{}", info.worker_id)), info.encode_to_vec(), Some(lease_id))
             .await
             .map_err(Status::from)?;
         st.members.insert(
@@ -206,7 +311,7 @@ impl Coordinator for CoordinatorService {
         );
         st.dirty_since = Some(Instant::now());
         Ok(Response::new(RegisterResponse {
-            lease_id,
+            lease_id: lease_id as u64,
             ttl_ms: c.cfg.lease_ttl.as_millis() as u32,
             model_config_json: c.cfg.model_config_json.clone(),
             model_dir: c.cfg.model_dir.clone(),
@@ -215,15 +320,21 @@ impl Coordinator for CoordinatorService {
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
-        let mut st = self.core.state.lock().await;
+        let c = &self.core;
+        let mut st = c.state.lock().await;
         let current_epoch = st.current.as_ref().map(|p| p.epoch).unwrap_or(0);
-        let known = match st.members.get_mut(&r.worker_id) {
-            Some(m) if m.lease_id == r.lease_id => {
+        let lease = r.lease_id as LeaseId;
+        let ours = st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == lease);
+        let known = ours && c.store.keep_alive(lease).await.map_err(Status::from)?;
+        if known {
+            if let Some(m) = st.members.get_mut(&r.worker_id) {
                 m.last_heartbeat = Instant::now();
-                true
             }
-            _ => false,
-        };
+        } else if ours {
+            warn!(worker = %r.worker_id, "lease expired in the store; the worker must register again");
+            st.members.remove(&r.worker_id);
+            st.dirty_since = Some(Instant::now());
+        }
         Ok(Response::new(HeartbeatResponse { known, current_epoch }))
     }
 
@@ -231,10 +342,10 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let c = &self.core;
         let mut st = c.state.lock().await;
-        if st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == r.lease_id) {
+        if st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == r.lease_id as LeaseId) {
             st.members.remove(&r.worker_id);
             st.dirty_since = Some(Instant::now());
-            c.store.delete(&c.key(&format!("workers/{}", r.worker_id))).await.map_err(Status::from)?;
+            c.store.revoke(r.lease_id as LeaseId).await.map_err(Status::from)?;
             info!(worker = %r.worker_id, "worker deregistered");
         }
         Ok(Response::new(DeregisterResponse {}))
@@ -296,6 +407,10 @@ impl Coordinator for CoordinatorService {
             .members
             .get_mut(&r.worker_id)
             .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
+        c.store
+            .put(&c.ready_key(r.epoch, &r.worker_id), r.error.clone().into_bytes(), None)
+            .await
+            .map_err(Status::from)?;
         if !r.error.is_empty() {
             warn!(worker = %r.worker_id, epoch = r.epoch, error = %r.error, "worker cannot load its experts; placement cannot commit");
             m.error = r.error;
@@ -303,10 +418,6 @@ impl Coordinator for CoordinatorService {
         }
         m.error.clear();
         m.ready_epoch = m.ready_epoch.max(r.epoch);
-        c.store
-            .put(&c.key(&format!("placement/{}/ready/{}", r.epoch, r.worker_id)), vec![], None)
-            .await
-            .map_err(Status::from)?;
         Ok(Response::new(ReportReadyResponse {}))
     }
 
@@ -357,11 +468,13 @@ impl Coordinator for CoordinatorService {
 /// Serve the coordinator on `listener` until `shutdown` fires.
 pub async fn serve(
     cfg: CoordinatorConfig,
+    store_url: &str,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let store: Arc<dyn MetadataStore> = Arc::new(EmbeddedStore::new());
+    let store = open_store(store_url).await?;
     let core = CoordinatorCore::new(cfg, store)?;
+    core.resume().await?;
     let addr: SocketAddr = listener.local_addr()?;
     let ticker = {
         let core = core.clone();

@@ -82,10 +82,25 @@ impl Cluster {
         let logs = tempfile::tempdir().unwrap();
         let m = model.display().to_string();
         let ns = expect.to_string();
-        let mut args = vec!["coordinator", "--listen", "127.0.0.1:0", "--model", &m, "--expect-workers", &ns];
+        let mut args = vec!["coordinator", "--model", &m, "--expect-workers", &ns];
+        if !extra_coord.contains(&"--listen") {
+            args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+        }
         args.extend_from_slice(extra_coord);
         let coordinator = spawn(&args, "EXPERTMESH_COORDINATOR_READY", &logs.path().join("coordinator.log"));
         Self { coordinator, workers: Vec::new(), logs }
+    }
+
+    /// SIGKILL the coordinator and start a new one with `args` (same port, same store).
+    pub fn restart_coordinator(&mut self, model: &Path, expect: usize, extra_coord: &[&str]) {
+        let _ = self.coordinator.child.kill();
+        let _ = self.coordinator.child.wait();
+        let m = model.display().to_string();
+        let ns = expect.to_string();
+        let mut args = vec!["coordinator", "--model", &m, "--expect-workers", &ns];
+        args.extend_from_slice(extra_coord);
+        let log = self.logs.path().join("coordinator-2.log");
+        self.coordinator = spawn(&args, "EXPERTMESH_COORDINATOR_READY", &log);
     }
 
     /// Start a worker `id` and wait until it serves.

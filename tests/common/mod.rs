@@ -62,3 +62,79 @@ pub fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
     let a64: Vec<f64> = a.iter().map(|v| *v as f64).collect();
     expertmesh_core::reference::rel_l2(&a64, b)
 }
+
+/// Requests with known float64 answers, sent in a loop until `stop`; counts what came back.
+pub struct TrafficReport {
+    pub sent: u64,
+    pub correct: u64,
+    pub failures: Vec<String>,
+    pub epochs: Vec<u64>,
+}
+
+pub type Case = (usize, Vec<f32>, Vec<i64>, Vec<f64>);
+
+/// Inputs for `n` requests over the model's MoE layers, with their reference outputs.
+pub fn traffic_cases(dir: &Path, spec: &ModelSpec, tokens: usize, n: usize) -> Vec<Case> {
+    let layers = spec.moe_layers();
+    (0..n)
+        .map(|i| {
+            let layer = layers[i % layers.len()];
+            let (x, ids) = random_input(spec, tokens, 900 + i as u64);
+            let r = reference(dir, spec, layer, &x, tokens, Some(&ids));
+            (layer, x, ids, r.output)
+        })
+        .collect()
+}
+
+pub fn start_traffic(
+    mut client: expertmesh_proto::v1::moe_layer_client::MoeLayerClient<tonic::transport::Channel>,
+    cases: Vec<Case>,
+    hidden: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<TrafficReport> {
+    use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
+    use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+    tokio::spawn(async move {
+        let mut rep = TrafficReport { sent: 0, correct: 0, failures: Vec::new(), epochs: Vec::new() };
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (layer, x, ids, want) = &cases[rep.sent as usize % cases.len()];
+            let tokens = ids.len();
+            rep.sent += 1;
+            let resp = client
+                .forward(ForwardRequest {
+                    layer: *layer as u32,
+                    hidden_states: Some(f32_tensor(&[tokens, hidden], x)),
+                    input_ids: Some(i64_tensor(&[tokens], ids)),
+                    wire_dtype: PDType::DtypeBf16 as i32,
+                })
+                .await;
+            match resp {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    let (out, _) = tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
+                    let err = rel_l2_f32(&out, want);
+                    if err < 1e-2 {
+                        rep.correct += 1;
+                    } else {
+                        rep.failures.push(format!("request {}: wrong answer, rel L2 {err}", rep.sent));
+                    }
+                    if rep.epochs.last() != Some(&r.epoch) {
+                        rep.epochs.push(r.epoch);
+                    }
+                }
+                Err(e) => rep.failures.push(format!("request {}: {e}", rep.sent)),
+            }
+        }
+        rep
+    })
+}
+
+/// `expertmesh status --json` of a coordinator.
+pub fn status_json(coordinator: &str) -> serde_json::Value {
+    let o = std::process::Command::new(cluster::BIN)
+        .args(["status", "--json", "--coordinator", coordinator])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}

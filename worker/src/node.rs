@@ -147,7 +147,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
         }],
     };
     let mut coord = connect_coordinator(&cfg.coordinator, Duration::from_secs(30)).await?;
-    let reg = coord.register(RegisterRequest { worker: Some(info_msg.clone()) }).await?.into_inner();
+    let reg = coord.register(RegisterRequest { worker: Some(info_msg.clone()), epoch: 0 }).await?.into_inner();
     let model_dir = cfg.model.clone().unwrap_or_else(|| PathBuf::from(&reg.model_dir));
     let ck = Arc::new(Checkpoint::open(&model_dir)?);
     let theirs = expertmesh_core::ModelSpec::from_config_json(&reg.model_config_json)?;
@@ -198,6 +198,7 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     // Heartbeats; re-register when the lease was lost rather than exit.
     let hb = {
         let (mut c, lease, stop, info_msg) = (coord.clone(), lease.clone(), shutdown.clone(), info_msg.clone());
+        let store = store.clone();
         let id = cfg.worker_id.clone();
         tokio::spawn(async move {
             loop {
@@ -207,7 +208,8 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
                     Ok(r) if r.get_ref().known => {}
                     Ok(_) => {
                         warn!(worker = %id, "lease lost; registering again");
-                        if let Ok(r) = c.register(RegisterRequest { worker: Some(info_msg.clone()) }).await {
+                        let req = RegisterRequest { worker: Some(info_msg.clone()), epoch: store.epoch() };
+                        if let Ok(r) = c.register(req).await {
                             lease.store(r.get_ref().lease_id, std::sync::atomic::Ordering::Release);
                         }
                     }

@@ -144,10 +144,11 @@ impl MetadataStore for EmbeddedStore {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        Ok(self.lock()?.kv.get(key).map(|(v, rev, _)| KeyValue {
+        Ok(self.lock()?.kv.get(key).map(|(v, rev, l)| KeyValue {
             key: key.to_string(),
             value: v.clone(),
             mod_revision: *rev,
+            lease: l.unwrap_or(0),
         }))
     }
 
@@ -162,7 +163,12 @@ impl MetadataStore for EmbeddedStore {
         let kvs =
             g.kv.range(prefix.to_string()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
-                .map(|(k, (v, rev, _))| KeyValue { key: k.clone(), value: v.clone(), mod_revision: *rev })
+                .map(|(k, (v, rev, l))| KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                    mod_revision: *rev,
+                    lease: l.unwrap_or(0),
+                })
                 .collect();
         Ok((kvs, g.revision))
     }

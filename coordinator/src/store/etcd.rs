@@ -32,6 +32,7 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
         key: String::from_utf8_lossy(k.key()).into_owned(),
         value: k.value().to_vec(),
         mod_revision: k.mod_revision() as u64,
+        lease: k.lease(),
     }
 }
 

@@ -25,6 +25,8 @@ pub struct KeyValue {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: u64,
+    /// The lease the key is bound to (0: none).
+    pub lease: LeaseId,
 }
 
 /// A change to a key.
