@@ -189,11 +189,12 @@ impl CoordinatorCore {
         let expired: Vec<String> =
             st.members.iter().filter(|(_, m)| m.last_heartbeat.elapsed() > ttl).map(|(k, _)| k.clone()).collect();
         for id in expired {
-            warn!(worker = %id, "lease expired; removing worker");
-            if let Some(m) = st.members.remove(&id) {
-                // The store expires the key with the lease; revoking makes it immediate.
-                self.store.revoke(m.lease_id).await?;
-            }
+            let Some(lease) = st.members.get(&id).map(|m| m.lease_id) else { continue };
+            // The store expires the key with the lease; revoking makes it immediate. If the store
+            // is unreachable the member stays until it can be revoked (membership changes wait).
+            self.store.revoke(lease).await?;
+            warn!(worker = %id, "lease expired; removed worker");
+            st.members.remove(&id);
             st.dirty_since = Some(Instant::now());
         }
         if let Some(t) = st.dirty_since {
@@ -325,7 +326,20 @@ impl Coordinator for CoordinatorService {
         let current_epoch = st.current.as_ref().map(|p| p.epoch).unwrap_or(0);
         let lease = r.lease_id as LeaseId;
         let ours = st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == lease);
-        let known = ours && c.store.keep_alive(lease).await.map_err(Status::from)?;
+        let known = if ours {
+            match c.store.keep_alive(lease).await {
+                Ok(alive) => alive,
+                Err(e) => {
+                    // The worker reached us, so it is alive; the store cannot confirm the lease
+                    // right now. Keep the member (membership changes wait for the store) and let
+                    // the next heartbeat renew the lease once the store is back.
+                    warn!(worker = %r.worker_id, error = %e, "store unreachable; keeping the worker until it can be checked");
+                    true
+                }
+            }
+        } else {
+            false
+        };
         if known {
             if let Some(m) = st.members.get_mut(&r.worker_id) {
                 m.last_heartbeat = Instant::now();
