@@ -104,6 +104,7 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<()> {
         dispatcher: DispatcherConfig {
             max_message_bytes: a.max_message_mib << 20,
             placement_wait: Duration::from_millis(a.placement_wait_ms),
+            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms),
             ..Default::default()
         },
     };

@@ -142,6 +142,10 @@ pub(crate) struct WorkerArgs {
     /// How long a MoeLayer request waits for a (newer) committed placement before UNAVAILABLE.
     #[arg(long, default_value_t = 20_000, env = env::PLACEMENT_WAIT_MS)]
     pub(crate) placement_wait_ms: u64,
+    /// A worker that answers nothing for this long is treated as failed (its rows are retried
+    /// on the owner a newer placement names).
+    #[arg(long, default_value_t = 30_000, env = env::RPC_TIMEOUT_MS)]
+    pub(crate) rpc_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]

@@ -90,7 +90,7 @@ async fn join_and_graceful_leave_under_traffic_lose_nothing() {
     assert!(status.success(), "w1 exits 0 on SIGTERM, got {status}");
     let (sent, correct, failures, epochs) = traffic.await.unwrap();
     let w0_log = std::fs::read_to_string(&cluster.workers[0].log).unwrap_or_default();
-    let retried = w0_log.matches("will retry its rows on a newer placement").count();
+    let retried = w0_log.matches("will retry its rows").count();
     println!(
         "requests sent {sent}, answered correctly {correct}, failed {}, lost 0, epochs seen {epochs:?}, destinations retried on a newer epoch {retried}",
         failures.len()

@@ -198,7 +198,14 @@ impl CoordinatorCore {
             st.dirty_since = Some(Instant::now());
         }
         if let Some(t) = st.dirty_since {
-            if t.elapsed() >= Duration::from_millis(150) && st.members.len() >= self.cfg.expect_workers.max(1) {
+            // `expect_workers` gates only the first placement; after that, every change re-plans
+            // on whoever is left.
+            let enough = if st.current.is_none() && st.pending.is_none() {
+                st.members.len() >= self.cfg.expect_workers.max(1)
+            } else {
+                !st.members.is_empty()
+            };
+            if t.elapsed() >= Duration::from_millis(150) && enough {
                 st.dirty_since = None;
                 self.propose(&mut st).await?;
             }

@@ -69,6 +69,17 @@ pub struct TrafficReport {
     pub correct: u64,
     pub failures: Vec<String>,
     pub epochs: Vec<u64>,
+    /// (when it finished, latency, epoch) of every correct answer.
+    pub log: Vec<(std::time::Instant, std::time::Duration, u64)>,
+}
+
+impl TrafficReport {
+    /// p99 latency of correct answers finished in [from, to).
+    pub fn p99_between(&self, from: std::time::Instant, to: std::time::Instant) -> Option<std::time::Duration> {
+        let mut v: Vec<_> = self.log.iter().filter(|(t, _, _)| *t >= from && *t < to).map(|(_, l, _)| *l).collect();
+        v.sort();
+        (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.99).round() as usize])
+    }
 }
 
 pub type Case = (usize, Vec<f32>, Vec<i64>, Vec<f64>);
@@ -95,11 +106,12 @@ pub fn start_traffic(
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
     use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
     tokio::spawn(async move {
-        let mut rep = TrafficReport { sent: 0, correct: 0, failures: Vec::new(), epochs: Vec::new() };
+        let mut rep = TrafficReport { sent: 0, correct: 0, failures: Vec::new(), epochs: Vec::new(), log: Vec::new() };
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let (layer, x, ids, want) = &cases[rep.sent as usize % cases.len()];
             let tokens = ids.len();
             rep.sent += 1;
+            let started = std::time::Instant::now();
             let resp = client
                 .forward(ForwardRequest {
                     layer: *layer as u32,
@@ -115,6 +127,7 @@ pub fn start_traffic(
                     let err = rel_l2_f32(&out, want);
                     if err < 1e-2 {
                         rep.correct += 1;
+                        rep.log.push((std::time::Instant::now(), started.elapsed(), r.epoch));
                     } else {
                         rep.failures.push(format!("request {}: wrong answer, rel L2 {err}", rep.sent));
                     }

@@ -5,7 +5,7 @@
 //! owner a newer placement names, so every pair is computed exactly once or the request fails
 //! with a clear error naming the experts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,12 +51,21 @@ pub struct DispatcherConfig {
     pub max_message_bytes: usize,
     /// How long a request waits for a (newer) placement before failing UNAVAILABLE.
     pub placement_wait: Duration,
+    /// A destination that answers nothing for this long is treated as failed: its unanswered
+    /// rows go to the owner a newer placement names.
+    pub rpc_timeout: Duration,
     pub retries: usize,
 }
 
 impl Default for DispatcherConfig {
     fn default() -> Self {
-        Self { chunk_bytes: 2 << 20, max_message_bytes: 64 << 20, placement_wait: Duration::from_secs(20), retries: 3 }
+        Self {
+            chunk_bytes: 2 << 20,
+            max_message_bytes: 64 << 20,
+            placement_wait: Duration::from_secs(20),
+            rpc_timeout: Duration::from_secs(30),
+            retries: 3,
+        }
     }
 }
 
@@ -211,6 +220,9 @@ impl Dispatcher {
         let mut y = vec![0f32; inp.tokens * k * h];
         let mut after = None;
         let mut epoch = 0;
+        // Workers that failed this request: their rows go to another replica at once, or wait
+        // for a placement that no longer names them.
+        let mut bad: HashSet<String> = HashSet::new();
         for attempt in 0..=self.cfg.retries {
             let table = self.route_table(after).await.map_err(|e| missing(&todo, inp.layer, &e.to_string()))?;
             epoch = table.epoch;
@@ -218,6 +230,7 @@ impl Dispatcher {
                 WorkerError::Unavailable(format!("placement epoch {} does not place layer {}", table.epoch, inp.layer))
             })?;
             let mut dests: BTreeMap<u32, Vec<Segment>> = BTreeMap::new();
+            let mut blocked: Vec<Segment> = Vec::new();
             for (e, pairs) in std::mem::take(&mut todo) {
                 let reps = placed.get(e as usize).filter(|r| !r.is_empty()).ok_or_else(|| {
                     WorkerError::Unavailable(format!(
@@ -225,14 +238,24 @@ impl Dispatcher {
                         table.epoch, inp.layer
                     ))
                 })?;
-                // Spread an expert's rows over its replicas in contiguous parts.
-                let n = reps.len();
+                let live: Vec<u32> = reps
+                    .iter()
+                    .copied()
+                    .filter(|w| table.workers.get(*w as usize).is_some_and(|i| !bad.contains(&i.address)))
+                    .collect();
+                if live.is_empty() {
+                    blocked.push((e, pairs));
+                    continue;
+                }
+                // Spread an expert's rows over its live replicas in contiguous parts.
+                let n = live.len();
                 let per = pairs.len().div_ceil(n);
                 for (i, part) in pairs.chunks(per.max(1)).enumerate() {
-                    let w = reps[(i + rid as usize + e as usize) % n];
+                    let w = live[(i + rid as usize + e as usize) % n];
                     dests.entry(w).or_default().push((e, part.to_vec()));
                 }
             }
+            let targets: Vec<u32> = dests.keys().copied().collect();
             let sends = dests.into_iter().map(|(w, segs)| {
                 let table = table.clone();
                 let inp = inp.clone();
@@ -240,7 +263,7 @@ impl Dispatcher {
             });
             let outcomes = futures::future::join_all(sends).await;
             let mut last_err = None;
-            for o in outcomes {
+            for (w, o) in targets.into_iter().zip(outcomes) {
                 for (pairs, rows) in o.answered {
                     for (i, p) in pairs.iter().enumerate() {
                         let p = *p as usize;
@@ -251,19 +274,30 @@ impl Dispatcher {
                     if let WorkerError::InvalidInput(_) = err {
                         return Err(err);
                     }
-                    warn!(request = rid, epoch = table.epoch, attempt, error = %err, "destination failed; will retry its rows on a newer placement");
+                    warn!(request = rid, epoch = table.epoch, attempt, error = %err, "destination failed; will retry its rows on another replica or a newer placement");
+                    if let Some(i) = table.workers.get(w as usize) {
+                        bad.insert(i.address.clone());
+                    }
                     todo.extend(rest);
                     last_err = Some(err);
                 }
             }
+            let waiting = !blocked.is_empty();
+            todo.extend(blocked);
             if todo.is_empty() {
                 break;
             }
             if attempt == self.cfg.retries {
-                let e = last_err.map(|e| e.to_string()).unwrap_or_default();
+                let e = last_err.map(|e| e.to_string()).unwrap_or_else(|| "every replica failed".into());
                 return Err(missing(&todo, inp.layer, &e));
             }
-            after = Some(table.epoch);
+            // Rows with a live replica left go again on this placement; otherwise wait for a newer one.
+            let all_live = todo.iter().all(|(e, _)| {
+                placed.get(*e as usize).is_some_and(|r| {
+                    r.iter().any(|w| table.workers.get(*w as usize).is_some_and(|i| !bad.contains(&i.address)))
+                })
+            });
+            after = if all_live && !waiting { None } else { Some(table.epoch) };
         }
         let shared = shared.await.map_err(|e| WorkerError::Internal(format!("shared expert task: {e}")))??;
         let output = combine(h, &routing, &y, shared.as_deref());
@@ -335,9 +369,17 @@ impl Dispatcher {
         };
         let mut answered = Vec::with_capacity(chunks.len());
         let result: Result<()> = async {
-            let mut resp = client.compute(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            let silent = || {
+                WorkerError::Unavailable(format!(
+                    "worker {} ({}) answered nothing for {:?}",
+                    worker.worker_id, worker.address, self.cfg.rpc_timeout
+                ))
+            };
+            let call = client.compute(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let mut resp = tokio::time::timeout(self.cfg.rpc_timeout, call).await.map_err(|_| silent())??.into_inner();
             while answered.len() < chunks.len() {
-                let Some(r) = resp.message().await? else {
+                let next = tokio::time::timeout(self.cfg.rpc_timeout, resp.message()).await.map_err(|_| silent())?;
+                let Some(r) = next? else {
                     return Err(WorkerError::Unavailable(format!(
                         "worker {} closed the stream after {} of {} chunks",
                         worker.worker_id,
