@@ -13,7 +13,7 @@ build: deps
 
 ## Bring up a local cluster (coordinator + 4 workers on loopback) and run the demo workload.
 up: build
-	./target/release/expertmesh up $(UP_ARGS)
+	$(CARGO) run --quiet --release --bin expertmesh -- up $(UP_ARGS)
 
 ## The whole test suite: format, lints, unit and end-to-end tests.
 test: deps lint
@@ -27,4 +27,4 @@ fmt:
 	$(CARGO) fmt --all
 
 bench: build
-	./target/release/expertmesh bench
+	$(CARGO) run --quiet --release --bin expertmesh -- bench
