@@ -13,17 +13,19 @@ use expertmesh_core::dtype::DType;
 use expertmesh_core::rng::SplitMix64;
 use expertmesh_kernels::cpu::{gemm_gflops, CpuBackend};
 use expertmesh_kernels::ExpertBackend;
-use expertmesh_proto::v1::ClusterStatusRequest;
+use expertmesh_proto::v1::{ClusterStatusRequest, DrainRequest};
+use expertmesh_worker::control::{connect_coordinator, ControlTarget};
 use expertmesh_worker::dispatcher::{Dispatcher, DispatcherConfig};
 use expertmesh_worker::moe::{LocalMoe, MoeInput, MoeOutput};
-use expertmesh_worker::node::{connect_coordinator, connect_dispatcher, run_worker, WorkerConfig};
+use expertmesh_worker::node::{connect_dispatcher, run_worker, StopSignals, WorkerConfig};
 use expertmesh_worker::synth::{generate, write_safetensors, GenOptions, OwnedTensor};
 use expertmesh_worker::Checkpoint;
 use tokio_util::sync::CancellationToken;
 
 use crate::local::LocalCluster;
 use crate::{
-    BenchArgs, CoordinatorArgs, ForwardArgs, GenInputArgs, GenModelArgs, ModelSource, StatusArgs, UpArgs, WorkerArgs,
+    BenchArgs, CoordinatorArgs, DrainArgs, ForwardArgs, GenInputArgs, GenModelArgs, ModelSource, StatusArgs, UpArgs,
+    WorkerArgs,
 };
 
 /// A token cancelled on SIGTERM or Ctrl-C.
@@ -42,6 +44,29 @@ fn shutdown_on_signals() -> CancellationToken {
         t.cancel();
     });
     token
+}
+
+/// SIGTERM drains the worker; SIGINT (Ctrl-C) stops it at once.
+fn worker_signals() -> StopSignals {
+    let signals = StopSignals::default();
+    let s = signals.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => s.drain.cancel(),
+            _ = tokio::signal::ctrl_c() => s.quit.cancel(),
+        }
+        // A second signal of either kind: stop now.
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        s.quit.cancel();
+    });
+    signals
 }
 
 fn parse_wire(s: &str) -> Result<DType> {
@@ -63,6 +88,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         expect_workers: a.expect_workers,
         replicas: a.replicas,
         expert_bytes: spec.expert_params() * 4,
+        advertise: a.advertise.unwrap_or_default(),
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let addr = listener.local_addr()?;
@@ -90,8 +116,18 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<()> {
         std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
     });
     let memory_bytes = a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64).unwrap_or_else(available_memory);
+    let control = match (a.store, a.coordinator) {
+        (Some(url), _) if url != "embedded" => {
+            ControlTarget::Store { url, cluster: a.cluster, lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)) }
+        }
+        (_, Some(c)) => ControlTarget::Coordinator(c),
+        (Some(_), None) => {
+            bail!("--store embedded lives inside the coordinator's process: give the worker --coordinator HOST:PORT")
+        }
+        (None, None) => bail!("give --coordinator HOST:PORT or --store etcd://HOST:PORT"),
+    };
     let cfg = WorkerConfig {
-        coordinator: a.coordinator,
+        control,
         listen: a.listen,
         advertise: a.advertise,
         worker_id: id,
@@ -107,9 +143,9 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<()> {
             rpc_timeout: Duration::from_millis(a.rpc_timeout_ms),
             ..Default::default()
         },
+        drain_timeout: Duration::from_millis(a.drain_timeout_ms),
     };
-    let stop = shutdown_on_signals();
-    run_worker(cfg, stop).await?;
+    run_worker(cfg, worker_signals()).await?;
     Ok(())
 }
 
@@ -243,7 +279,8 @@ async fn cluster_dispatcher(
 ) -> Result<(LocalCluster, Arc<Dispatcher>)> {
     let cluster = LocalCluster::start(model, workers, replicas, log_dir).await?;
     let ck = Arc::new(Checkpoint::open(model)?);
-    let d = connect_dispatcher(&cluster.coordinator, ck, "cpu", DispatcherConfig::default(), stop).await?;
+    let target = ControlTarget::Coordinator(cluster.coordinator.clone());
+    let d = connect_dispatcher(&target, ck, "cpu", DispatcherConfig::default(), stop).await?;
     d.route_table(None).await.context("waiting for the first placement")?;
     Ok((cluster, d))
 }
@@ -459,14 +496,14 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
                 let i = w.info.clone().unwrap_or_default();
                 serde_json::json!({"worker_id": i.worker_id, "address": i.address, "node": i.node,
                     "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
-                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error})
+                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining})
             })
             .collect();
         println!(
             "{}",
             serde_json::json!({"current_epoch": s.current_epoch, "pending_epoch": s.pending_epoch,
                 "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
-                "workers": workers})
+                "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator, "workers": workers})
         );
         return Ok(());
     }
@@ -474,17 +511,54 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
         "model {} ({} MoE layers x {} experts); placement epoch {} (pending {})",
         s.model_type, s.moe_layers, s.routed_experts, s.current_epoch, s.pending_epoch
     );
+    println!(
+        "coordinator {} ({}); leader {}",
+        s.coordinator,
+        if s.is_leader { "leading" } else { "standby" },
+        if s.leader.is_empty() { "(none)" } else { &s.leader }
+    );
     for w in s.workers {
         let i = w.info.unwrap_or_default();
         println!(
             "  {:<14} {:<22} node {:<12} experts {:>5}  tokens {:>10}  heartbeat {:.1}s ago",
             i.worker_id, i.address, i.node, w.experts_held, w.tokens_total, w.heartbeat_age_s
         );
+        if w.draining {
+            println!("      draining: its experts are moving to the other workers");
+        }
         if !w.error.is_empty() {
             println!("      error: {}", w.error);
         }
     }
     Ok(())
+}
+
+pub(crate) async fn drain(a: DrainArgs) -> Result<()> {
+    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5)).await?;
+    let r = c.drain(DrainRequest { worker_id: a.worker_id.clone() }).await?.into_inner();
+    if !r.will_move {
+        eprintln!(
+            "warning: no other worker can take {}'s experts; it stays until another joins or it is stopped",
+            a.worker_id
+        );
+    }
+    if a.wait_s == 0 {
+        println!("drain of {} requested", a.worker_id);
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(a.wait_s);
+    loop {
+        let s = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+        let present = s.workers.iter().any(|w| w.info.as_ref().is_some_and(|i| i.worker_id == a.worker_id));
+        if !present {
+            println!("{} drained and left; placement epoch {}", a.worker_id, s.current_epoch);
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{} has not left after {} s; `expertmesh status` shows where it stands", a.worker_id, a.wait_s);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 struct Timing {

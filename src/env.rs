@@ -19,3 +19,4 @@ pub(crate) const WIRE_DTYPE: &str = "EXPERTMESH_WIRE_DTYPE";
 pub(crate) const PLACEMENT_WAIT_MS: &str = "EXPERTMESH_PLACEMENT_WAIT_MS";
 pub(crate) const STORE: &str = "EXPERTMESH_STORE";
 pub(crate) const RPC_TIMEOUT_MS: &str = "EXPERTMESH_RPC_TIMEOUT_MS";
+pub(crate) const DRAIN_TIMEOUT_MS: &str = "EXPERTMESH_DRAIN_TIMEOUT_MS";

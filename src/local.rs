@@ -105,11 +105,13 @@ impl LocalCluster {
         Ok(Self { coordinator: caddr, workers: addrs, children })
     }
 
-    /// SIGTERM everything, then wait (bounded) for exit.
+    /// Stop workers at once (SIGINT: the whole cluster is going, so there is nowhere to drain
+    /// to), then the coordinator (SIGTERM); wait (bounded) for exit.
     pub(crate) async fn stop(mut self) {
-        for c in self.children.iter().rev() {
+        for (i, c) in self.children.iter().enumerate().rev() {
             if let Some(pid) = c.id() {
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+                let sig = if i == 0 { "-TERM" } else { "-INT" };
+                let _ = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status();
             }
         }
         for c in self.children.iter_mut().rev() {

@@ -40,8 +40,10 @@ enum Cmd {
     GenInput(GenInputArgs),
     /// Benchmark the distributed layer against the same layer in one process; prints JSON.
     Bench(BenchArgs),
-    /// Show a cluster's members, placement epoch and load.
+    /// Show a cluster's members, placement epoch, leader and load.
     Status(StatusArgs),
+    /// Move a worker's experts to the others, then let it leave (as SIGTERM on the worker does).
+    Drain(DrainArgs),
 }
 
 #[derive(Debug, Args)]
@@ -110,13 +112,29 @@ pub(crate) struct CoordinatorArgs {
     /// Where cluster state lives: `embedded` (in this process) or `etcd://HOST:PORT[,HOST:PORT...]`.
     #[arg(long, default_value = "embedded", env = env::STORE)]
     pub(crate) store: String,
+    /// Address workers and other coordinators reach this one at (default: the bound address).
+    #[arg(long, env = env::ADVERTISE)]
+    pub(crate) advertise: Option<String>,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
-    /// Coordinator address (host:port).
-    #[arg(long, env = env::COORDINATOR)]
-    pub(crate) coordinator: String,
+    /// Coordinator address (host:port). Not needed with `--store etcd://...`.
+    #[arg(long, env = env::COORDINATOR, required_unless_present = "store")]
+    pub(crate) coordinator: Option<String>,
+    /// Register in etcd directly (`etcd://HOST:PORT[,HOST:PORT...]`) instead of through a
+    /// coordinator: the worker keeps serving and following placement while coordinators are down.
+    #[arg(long, env = env::STORE)]
+    pub(crate) store: Option<String>,
+    #[arg(long, default_value = "default", env = env::CLUSTER)]
+    pub(crate) cluster: String,
+    /// TTL of the worker's lease in the store (with `--store`; through a coordinator, the
+    /// coordinator's TTL applies).
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    pub(crate) lease_ttl_ms: u64,
+    /// On SIGTERM, how long to wait for the experts to move away before leaving anyway.
+    #[arg(long, default_value_t = 25_000, env = env::DRAIN_TIMEOUT_MS)]
+    pub(crate) drain_timeout_ms: u64,
     #[arg(long, default_value = "127.0.0.1:0", env = env::LISTEN)]
     pub(crate) listen: SocketAddr,
     /// Address other processes reach this worker at (default: the bound address).
@@ -236,10 +254,23 @@ pub(crate) struct BenchArgs {
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
+    /// Coordinator address; several, comma-separated: the first that answers.
     #[arg(long, env = env::COORDINATOR)]
     pub(crate) coordinator: String,
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DrainArgs {
+    /// The worker to drain (its id, as `expertmesh status` lists it).
+    pub(crate) worker_id: String,
+    /// Coordinator address; several, comma-separated: the first that answers.
+    #[arg(long, env = env::COORDINATOR)]
+    pub(crate) coordinator: String,
+    /// Wait at most this long for the worker to leave the cluster (0: do not wait).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) wait_s: u64,
 }
 
 fn init_tracing(cli: &Cli, default: &str) {
@@ -268,6 +299,7 @@ fn main() -> Result<()> {
             Cmd::GenInput(a) => commands::gen_input(a),
             Cmd::Bench(a) => commands::bench(a).await,
             Cmd::Status(a) => commands::status(a).await,
+            Cmd::Drain(a) => commands::drain(a).await,
         }
     })
 }

@@ -1,8 +1,9 @@
-//! ExpertMesh control plane: membership (leases kept by heartbeats), placement epochs
-//! (propose, workers load and report ready, commit), load statistics, cluster status, all
-//! persisted through a [`store::MetadataStore`].
+//! ExpertMesh control plane: membership (workers' keys under their leases), leader election,
+//! placement epochs (propose, workers load and report ready, commit), drains, load statistics
+//! and cluster status, all kept in a [`store::MetadataStore`] (embedded, or a real etcd).
 
 pub mod error;
+pub mod keys;
 pub mod service;
 pub mod store;
 

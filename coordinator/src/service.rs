@@ -1,8 +1,15 @@
-//! The Coordinator gRPC service and its planning loop.
+//! The coordinator: a reconciler over the cluster state in the metadata store.
+//!
+//! Every coordinator mirrors the store (list, then watch from the listed revision; list again
+//! whenever the watch ends) and answers the gRPC API from that mirror. One of them holds the
+//! `leader` key under its lease; only the leader plans and commits. Workers join either through
+//! the gRPC API (the coordinator writes their keys) or by writing their keys into etcd directly;
+//! both look the same in the store, so the coordinator treats them alike.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -10,20 +17,26 @@ use expertmesh_core::placement::{CapacitySpread, PlacementPolicy, PlacementReque
 use expertmesh_core::ModelSpec;
 use expertmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use expertmesh_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, DeregisterRequest, DeregisterResponse, GetPlacementRequest,
-    HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent, PlacementPlan, RegisterRequest,
-    RegisterResponse, Replicas, ReportLoadResponse, ReportReadyRequest, ReportReadyResponse, WatchPlacementRequest,
-    WorkerInfo, WorkerStatus,
+    ClusterStatusRequest, ClusterStatusResponse, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
+    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent,
+    PlacementPlan, RegisterRequest, RegisterResponse, Replicas, ReportLoadResponse, ReportReadyRequest,
+    ReportReadyResponse, WatchPlacementRequest, WorkerInfo, WorkerStatus,
 };
 use prost::Message;
 use tokio::sync::{broadcast, Mutex};
 use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{CoordinatorError, Result};
+use crate::keys::{parse_epoch, ClusterKeys, Key};
 use crate::store::{open_store, LeaseId, MetadataStore};
+
+/// Membership must be quiet this long before the leader re-plans (joins come in bursts).
+const SETTLE: Duration = Duration::from_millis(150);
+/// Plans kept in the store behind the committed one.
+const PLANS_KEPT: u64 = 8;
 
 /// Coordinator settings.
 #[derive(Debug, Clone)]
@@ -32,7 +45,7 @@ pub struct CoordinatorConfig {
     /// The model the cluster serves.
     pub model_dir: String,
     pub model_config_json: String,
-    /// Lease TTL: a worker that does not heartbeat within it is removed.
+    /// Lease TTL of workers registered through this coordinator, and of its leadership.
     pub lease_ttl: Duration,
     /// Do not place until this many workers have registered.
     pub expect_workers: usize,
@@ -40,13 +53,15 @@ pub struct CoordinatorConfig {
     pub replicas: usize,
     /// Bytes one expert occupies on a worker (f32 weights on the CPU backend).
     pub expert_bytes: u64,
+    /// This coordinator's address as others reach it (default: the bound address).
+    pub advertise: String,
 }
 
 #[derive(Debug)]
 struct Member {
     info: WorkerInfo,
-    lease_id: LeaseId,
-    last_heartbeat: Instant,
+    /// Last sign of life the coordinator saw (registration, heartbeat, load report).
+    last_seen: Instant,
     ready_epoch: u64,
     load: HashMap<(u32, u32), u64>,
     error: String,
@@ -55,185 +70,408 @@ struct Member {
 #[derive(Debug, Default)]
 struct State {
     members: BTreeMap<String, Member>,
-    /// Highest epoch ever proposed (read back from the store on start).
+    draining: BTreeSet<String>,
+    /// Plans seen in the store, by epoch (recent ones).
+    plans: BTreeMap<u64, PlacementPlan>,
+    /// Highest epoch seen in the store.
     epoch: u64,
     current: Option<PlacementPlan>,
     pending: Option<PlacementPlan>,
-    /// Membership changed at this instant; re-plan once it settles.
-    dirty_since: Option<Instant>,
+    /// Membership or drains last changed at this instant.
+    changed_at: Option<Instant>,
+    /// The leading coordinator's address, per the store.
+    leader: String,
+    /// Worker set a placement last failed for (not retried until membership changes).
+    failed_for: Option<Vec<WorkerInfo>>,
 }
 
-/// The coordinator: state, store, and the event stream watchers follow.
+impl State {
+    fn epoch_of(p: &Option<PlacementPlan>) -> u64 {
+        p.as_ref().map(|p| p.epoch).unwrap_or(0)
+    }
+
+    fn touch(&mut self) {
+        self.changed_at = Some(Instant::now());
+        self.failed_for = None;
+    }
+
+    /// Workers the next plan should place on: members not being drained, in id order.
+    fn desired(&self) -> Vec<WorkerInfo> {
+        self.members.values().filter(|m| !self.draining.contains(&m.info.worker_id)).map(|m| m.info.clone()).collect()
+    }
+
+    /// Whether the latest plan (pending, else committed) matches membership and lists every
+    /// draining member.
+    fn plan_is_current(&self) -> bool {
+        let Some(p) = self.pending.as_ref().or(self.current.as_ref()) else { return false };
+        let mut planned = p.workers.clone();
+        planned.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        planned == self.desired()
+            && self.draining.iter().filter(|d| self.members.contains_key(*d)).all(|d| p.draining.contains(d))
+    }
+}
+
+/// The coordinator: store mirror, leadership, and the event stream watchers follow.
 #[derive(Debug)]
 pub struct CoordinatorCore {
     cfg: CoordinatorConfig,
     spec: ModelSpec,
+    keys: ClusterKeys,
     state: Mutex<State>,
     store: Arc<dyn MetadataStore>,
     events: broadcast::Sender<PlacementEvent>,
     policy: Box<dyn PlacementPolicy>,
+    is_leader: AtomicBool,
+    /// Highest epoch any registering worker reported (an embedded store that lost its plans
+    /// must not reuse their epochs).
+    epoch_floor: AtomicU64,
 }
 
 impl CoordinatorCore {
     pub fn new(cfg: CoordinatorConfig, store: Arc<dyn MetadataStore>) -> Result<Arc<Self>> {
         let spec = ModelSpec::from_config_json(&cfg.model_config_json)?;
         Ok(Arc::new(Self {
+            keys: ClusterKeys::new(&cfg.cluster),
             cfg,
             spec,
             state: Mutex::new(State::default()),
             store,
             events: broadcast::channel(64).0,
             policy: Box::new(CapacitySpread),
+            is_leader: AtomicBool::new(false),
+            epoch_floor: AtomicU64::new(0),
         }))
     }
 
-    fn key(&self, rest: &str) -> String {
-        format!("/expertmesh/{}/{rest}", self.cfg.cluster)
+    pub fn is_leader(&self) -> bool {
+        self.is_leader.load(Ordering::Acquire)
     }
 
-    fn plan_key(&self, epoch: u64) -> String {
-        self.key(&format!("placement/{epoch:020}"))
-    }
-
-    fn ready_key(&self, epoch: u64, worker: &str) -> String {
-        self.key(&format!("ready/{epoch:020}/{worker}"))
-    }
-
-    async fn read_plan(&self, epoch: u64) -> Result<Option<PlacementPlan>> {
-        match self.store.get(&self.plan_key(epoch)).await? {
-            Some(kv) => PlacementPlan::decode(kv.value.as_slice())
-                .map(Some)
-                .map_err(|e| CoordinatorError::Store(format!("placement {epoch} in the store does not decode: {e}"))),
-            None => Ok(None),
-        }
-    }
-
-    async fn read_epoch(&self, name: &str) -> Result<u64> {
-        Ok(match self.store.get(&self.key(&format!("placement/{name}"))).await? {
-            Some(kv) => String::from_utf8_lossy(&kv.value).trim().parse().unwrap_or(0),
-            None => 0,
-        })
-    }
-
-    /// Rebuild the working state from the store: members (with their leases), the committed
-    /// plan, a proposal in progress and its ready markers. A coordinator restarted against the
-    /// same store resumes where the last one stopped, without re-planning.
-    pub async fn resume(&self) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let (workers, _) = self.store.list(&self.key("workers/")).await?;
-        for kv in workers {
-            let Ok(info) = WorkerInfo::decode(kv.value.as_slice()) else { continue };
-            let m = Member {
-                info,
-                lease_id: kv.lease,
-                // A full TTL for its next heartbeat to reach this coordinator.
-                last_heartbeat: Instant::now(),
-                ready_epoch: 0,
-                load: HashMap::new(),
-                error: String::new(),
-            };
-            st.members.insert(m.info.worker_id.clone(), m);
-        }
-        let (plans, _) = self.store.list(&self.key("placement/0")).await?;
-        st.epoch = plans
-            .iter()
-            .filter_map(|kv| kv.key.rsplit('/').next().and_then(|e| e.parse::<u64>().ok()))
-            .max()
-            .unwrap_or(0);
-        let current = self.read_epoch("current").await?;
-        if current > 0 {
-            st.current = self.read_plan(current).await?;
-            let ids: Vec<String> =
-                st.current.iter().flat_map(|p| p.workers.iter().map(|w| w.worker_id.clone())).collect();
-            for id in ids {
-                if let Some(m) = st.members.get_mut(&id) {
-                    m.ready_epoch = current;
-                }
+    /// Refuse to serve a different model than the one the cluster in the store serves; publish
+    /// ours when the store names none.
+    pub async fn check_model(&self) -> Result<()> {
+        if let Some(kv) = self.store.get(&self.keys.model_config()).await? {
+            let theirs = ModelSpec::from_config_json(&String::from_utf8_lossy(&kv.value))?;
+            if theirs != self.spec {
+                return Err(CoordinatorError::InvalidInput(format!(
+                    "cluster `{}` in the store serves a different model ({}, {} layers, {} experts) than {} ({}, {} layers, {} experts); use another --cluster or the same model",
+                    self.cfg.cluster, theirs.model_type, theirs.num_layers, theirs.n_routed, self.cfg.model_dir,
+                    self.spec.model_type, self.spec.num_layers, self.spec.n_routed
+                )));
             }
         }
-        let pending = self.read_epoch("pending").await?;
-        if pending > current {
-            st.pending = self.read_plan(pending).await?;
-            let (ready, _) = self.store.list(&self.key(&format!("ready/{pending:020}/"))).await?;
-            for kv in ready {
-                let worker = kv.key.rsplit('/').next().unwrap_or_default().to_string();
-                if let Some(m) = st.members.get_mut(&worker) {
-                    if kv.value.is_empty() {
-                        m.ready_epoch = m.ready_epoch.max(pending);
-                    } else {
-                        m.error = String::from_utf8_lossy(&kv.value).into_owned();
-                    }
-                }
-            }
-        }
-        let planned: Vec<&str> =
-            st.current.iter().flat_map(|p| p.workers.iter().map(|w| w.worker_id.as_str())).collect();
-        let members: Vec<&str> = st.members.keys().map(String::as_str).collect();
-        if planned != members {
-            st.dirty_since = Some(Instant::now());
-        }
-        info!(
-            workers = st.members.len(),
-            current_epoch = current,
-            pending_epoch = st.pending.as_ref().map(|p| p.epoch).unwrap_or(0),
-            "coordinator state read from the store"
-        );
+        self.store.put(&self.keys.model_config(), self.cfg.model_config_json.clone().into_bytes(), None).await?;
+        self.store.put(&self.keys.model_dir(), self.cfg.model_dir.clone().into_bytes(), None).await?;
         Ok(())
     }
 
-    /// Expire leases, re-plan after membership settles, commit a plan once all its workers are
+    /// Apply one key's new value (None: deleted) to the mirror. Idempotent: the leader applies
+    /// its own writes at once and again when the watch delivers them.
+    fn apply(&self, st: &mut State, key: &str, value: Option<&[u8]>) {
+        let Some(k) = self.keys.parse(key) else { return };
+        match (k, value) {
+            (Key::Worker(id), Some(v)) => {
+                let Ok(info) = WorkerInfo::decode(v) else {
+                    warn!(key, "worker record does not decode; ignored");
+                    return;
+                };
+                match st.members.get_mut(&id) {
+                    Some(m) if m.info == info => m.last_seen = Instant::now(),
+                    _ => {
+                        info!(worker = %id, address = %info.address, "worker joined");
+                        let m = Member {
+                            info,
+                            last_seen: Instant::now(),
+                            ready_epoch: 0,
+                            load: HashMap::new(),
+                            error: String::new(),
+                        };
+                        st.members.insert(id, m);
+                        st.touch();
+                    }
+                }
+            }
+            (Key::Worker(id), None) if st.members.remove(&id).is_some() => {
+                info!(worker = %id, "worker left (lease revoked or expired)");
+                st.touch();
+            }
+            (Key::Ready(epoch, id), Some(v)) => {
+                if let Some(m) = st.members.get_mut(&id) {
+                    m.last_seen = Instant::now();
+                    if v.is_empty() {
+                        m.ready_epoch = m.ready_epoch.max(epoch);
+                        m.error.clear();
+                    } else {
+                        m.error = String::from_utf8_lossy(v).into_owned();
+                    }
+                }
+            }
+            (Key::Load(id), Some(v)) => {
+                if let (Some(m), Ok(r)) = (st.members.get_mut(&id), LoadReport::decode(v)) {
+                    m.last_seen = Instant::now();
+                    m.load = r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
+                }
+            }
+            (Key::Drain(id), Some(_)) if st.draining.insert(id.clone()) => {
+                info!(worker = %id, "drain requested");
+                st.touch();
+            }
+            (Key::Drain(id), None) => {
+                st.draining.remove(&id);
+            }
+            (Key::Plan(epoch), Some(v)) => match PlacementPlan::decode(v) {
+                Ok(p) => {
+                    st.epoch = st.epoch.max(epoch);
+                    st.plans.insert(epoch, p);
+                    let keep_from = State::epoch_of(&st.current).saturating_sub(1);
+                    st.plans.retain(|e, _| *e >= keep_from);
+                }
+                Err(e) => warn!(epoch, error = %e, "placement in the store does not decode; ignored"),
+            },
+            (Key::Plan(epoch), None) => {
+                st.plans.remove(&epoch);
+            }
+            (Key::Pending, Some(v)) => {
+                let epoch = parse_epoch(v);
+                if epoch > State::epoch_of(&st.current) && epoch != State::epoch_of(&st.pending) {
+                    if let Some(p) = st.plans.get(&epoch).cloned() {
+                        st.pending = Some(p.clone());
+                        let _ = self.events.send(PlacementEvent { plan: Some(p), committed: false });
+                    }
+                }
+            }
+            (Key::Pending, None) => st.pending = None,
+            (Key::Current, Some(v)) => {
+                let epoch = parse_epoch(v);
+                if epoch != State::epoch_of(&st.current) {
+                    if let Some(p) = st.plans.get(&epoch).cloned() {
+                        for w in &p.workers {
+                            if let Some(m) = st.members.get_mut(&w.worker_id) {
+                                m.ready_epoch = m.ready_epoch.max(epoch);
+                            }
+                        }
+                        if State::epoch_of(&st.pending) <= epoch {
+                            st.pending = None;
+                        }
+                        st.current = Some(p.clone());
+                        let _ = self.events.send(PlacementEvent { plan: Some(p), committed: true });
+                    }
+                }
+            }
+            (Key::Leader, v) => st.leader = v.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default(),
+            _ => {}
+        }
+    }
+
+    /// Rebuild the mirror from a full listing; returns the revision to watch from. A coordinator
+    /// restarted against the same store resumes where the last one stopped, without re-planning.
+    pub async fn resync(&self) -> Result<u64> {
+        let (mut kvs, rev) = self.store.list(self.keys.root()).await?;
+        // Plans before the pointers to them; members before their ready markers and loads.
+        let rank = |k: &str| match self.keys.parse(k) {
+            Some(Key::Plan(_)) => 0,
+            Some(Key::Current) => 1,
+            Some(Key::Pending) => 2,
+            Some(Key::Worker(_)) => 3,
+            _ => 4,
+        };
+        kvs.sort_by_key(|kv| rank(&kv.key));
+        let mut st = self.state.lock().await;
+        let old = std::mem::take(&mut *st);
+        for kv in &kvs {
+            self.apply(&mut st, &kv.key, Some(&kv.value));
+        }
+        // Keep what only this process knows: loads reported over gRPC, last signs of life.
+        for (id, m) in st.members.iter_mut() {
+            if let Some(o) = old.members.get(id) {
+                m.last_seen = o.last_seen;
+                if m.load.is_empty() {
+                    m.load = o.load.clone();
+                }
+            }
+        }
+        st.changed_at = Some(old.changed_at.unwrap_or_else(Instant::now));
+        debug!(revision = rev, keys = kvs.len(), "mirrored the store");
+        if old.current.as_ref().map(|p| p.epoch) != st.current.as_ref().map(|p| p.epoch) {
+            info!(
+                workers = st.members.len(),
+                current_epoch = State::epoch_of(&st.current),
+                pending_epoch = State::epoch_of(&st.pending),
+                "coordinator state read from the store"
+            );
+        }
+        Ok(rev)
+    }
+
+    /// Mirror the store until `shutdown`: list, watch from the listed revision, apply every
+    /// change; list again when the watch ends (store restarted, connection lost, compaction).
+    async fn mirror(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            let watched = async {
+                let rev = self.resync().await?;
+                self.store.watch(self.keys.root(), rev).await
+            };
+            match watched.await {
+                Ok(mut rx) => {
+                    if failing {
+                        info!("metadata store reachable again; state reconciled");
+                        failing = false;
+                    }
+                    // Belt and braces against a watch that hangs without closing.
+                    let resync_at = tokio::time::sleep(Duration::from_secs(30));
+                    tokio::pin!(resync_at);
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = &mut resync_at => break,
+                            ev = rx.recv() => match ev {
+                                Some(ev) => {
+                                    let mut st = self.state.lock().await;
+                                    self.apply(&mut st, &ev.key, ev.value.as_deref());
+                                }
+                                None => break,
+                            },
+                        }
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "cannot read the metadata store; serving the last known state and retrying");
+                        failing = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            }
+        }
+    }
+
+    /// Campaign for the `leader` key; while leading, keep its lease alive. Revokes it on
+    /// shutdown so a standby takes over at once.
+    async fn lead(self: Arc<Self>, shutdown: CancellationToken) {
+        let ttl = self.cfg.lease_ttl;
+        let poll = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            let lease = match self.campaign().await {
+                Ok(Some(lease)) => lease,
+                Ok(None) => {
+                    tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(poll) => {} }
+                    continue;
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot campaign for leadership");
+                    tokio::select! { _ = shutdown.cancelled() => return, _ = tokio::time::sleep(poll) => {} }
+                    continue;
+                }
+            };
+            // Lead from a fresh view of the store.
+            if let Err(e) = self.resync().await {
+                warn!(error = %e, "cannot read the store after winning leadership");
+            }
+            self.is_leader.store(true, Ordering::Release);
+            info!(coordinator = %self.cfg.advertise, lease, "leading the cluster");
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        self.is_leader.store(false, Ordering::Release);
+                        let _ = self.store.revoke(lease).await;
+                        info!("leadership released");
+                        return;
+                    }
+                    _ = tokio::time::sleep(ttl / 3) => {}
+                }
+                match self.store.keep_alive(lease).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!("leadership lease lost; standing by");
+                        self.is_leader.store(false, Ordering::Release);
+                        break;
+                    }
+                    // Nothing can be written while the store is down, so holding on is harmless;
+                    // etcd restarts leases with a full TTL when it comes back.
+                    Err(e) => debug!(error = %e, "cannot renew the leadership lease"),
+                }
+            }
+        }
+    }
+
+    /// One attempt to take the `leader` key. Some(lease) when this coordinator now leads.
+    async fn campaign(&self) -> Result<Option<LeaseId>> {
+        if self.store.get(&self.keys.leader()).await?.is_some() {
+            return Ok(None);
+        }
+        let lease = self.store.grant_lease(self.cfg.lease_ttl).await?;
+        let me = self.cfg.advertise.clone().into_bytes();
+        if self.store.put_if(&self.keys.leader(), me, 0, Some(lease)).await?.is_some() {
+            return Ok(Some(lease));
+        }
+        self.store.revoke(lease).await?;
+        Ok(None)
+    }
+
+    /// Leader only: re-plan after membership settles, commit a plan once all its workers are
     /// ready. Runs every `tick`.
     async fn tick(&self) -> Result<()> {
-        let mut st = self.state.lock().await;
-        let ttl = self.cfg.lease_ttl;
-        let expired: Vec<String> =
-            st.members.iter().filter(|(_, m)| m.last_heartbeat.elapsed() > ttl).map(|(k, _)| k.clone()).collect();
-        for id in expired {
-            let Some(lease) = st.members.get(&id).map(|m| m.lease_id) else { continue };
-            // The store expires the key with the lease; revoking makes it immediate. If the store
-            // is unreachable the member stays until it can be revoked (membership changes wait).
-            self.store.revoke(lease).await?;
-            warn!(worker = %id, "lease expired; removed worker");
-            st.members.remove(&id);
-            st.dirty_since = Some(Instant::now());
+        if !self.is_leader() {
+            return Ok(());
         }
-        if let Some(t) = st.dirty_since {
+        let mut st = self.state.lock().await;
+        let settled = st.changed_at.is_some_and(|t| t.elapsed() >= SETTLE);
+        if settled && !st.plan_is_current() {
+            let desired = st.desired();
             // `expect_workers` gates only the first placement; after that, every change re-plans
             // on whoever is left.
-            let enough = if st.current.is_none() && st.pending.is_none() {
-                st.members.len() >= self.cfg.expect_workers.max(1)
-            } else {
-                !st.members.is_empty()
-            };
-            if t.elapsed() >= Duration::from_millis(150) && enough {
-                st.dirty_since = None;
-                self.propose(&mut st).await?;
+            let first = st.current.is_none() && st.pending.is_none();
+            let enough = if first { desired.len() >= self.cfg.expect_workers.max(1) } else { !desired.is_empty() };
+            if enough && st.failed_for.as_ref() != Some(&desired) {
+                self.propose(&mut st, desired).await?;
             }
         }
         if let Some(p) = &st.pending {
             let all_ready =
                 p.workers.iter().all(|w| st.members.get(&w.worker_id).is_some_and(|m| m.ready_epoch >= p.epoch));
             if all_ready {
-                let p = st.pending.take().unwrap_or_default();
-                info!(epoch = p.epoch, workers = p.workers.len(), "placement committed");
-                self.store.put(&self.key("placement/current"), p.epoch.to_string().into_bytes(), None).await?;
-                self.store.delete(&self.key("placement/pending")).await?;
-                st.current = Some(p.clone());
-                let _ = self.events.send(PlacementEvent { plan: Some(p), committed: true });
+                let epoch = p.epoch;
+                self.store.put(&self.keys.current(), epoch.to_string().into_bytes(), None).await?;
+                self.store.delete(&self.keys.pending()).await?;
+                info!(epoch, workers = p.workers.len(), draining = p.draining.len(), "placement committed");
+                self.apply(&mut st, &self.keys.current(), Some(epoch.to_string().as_bytes()));
+                self.apply(&mut st, &self.keys.pending(), None);
+                drop(st);
+                self.collect_garbage(epoch).await?;
             }
         }
         Ok(())
     }
 
-    async fn propose(&self, st: &mut State) -> Result<()> {
-        let workers: Vec<&Member> = st.members.values().collect();
+    /// Delete ready markers of epochs before `committed` and plans older than PLANS_KEPT.
+    async fn collect_garbage(&self, committed: u64) -> Result<()> {
+        let (kvs, _) = self.store.list(&self.keys.ready_all()).await?;
+        for kv in kvs {
+            if matches!(self.keys.parse(&kv.key), Some(Key::Ready(e, _)) if e < committed) {
+                self.store.delete(&kv.key).await?;
+            }
+        }
+        let (plans, _) = self.store.list(&self.keys.placement()).await?;
+        for kv in plans {
+            if matches!(self.keys.parse(&kv.key), Some(Key::Plan(e)) if e + PLANS_KEPT < committed) {
+                self.store.delete(&kv.key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn propose(&self, st: &mut State, workers: Vec<WorkerInfo>) -> Result<()> {
         let caps: Vec<WorkerCapacity> = workers
             .iter()
-            .map(|m| WorkerCapacity {
-                id: m.info.worker_id.clone(),
-                node: m.info.node.clone(),
-                memory_bytes: m.info.devices.iter().map(|d| d.memory_bytes).sum(),
-                tflops: m.info.devices.iter().map(|d| d.tflops).sum(),
+            .map(|w| WorkerCapacity {
+                id: w.worker_id.clone(),
+                node: w.node.clone(),
+                memory_bytes: w.devices.iter().map(|d| d.memory_bytes).sum(),
+                tflops: w.devices.iter().map(|d| d.tflops).sum(),
             })
             .collect();
         let req = PlacementRequest {
@@ -245,14 +483,16 @@ impl CoordinatorCore {
         let plan = match self.policy.place(&req, &caps) {
             Ok(p) => p,
             Err(e) => {
-                warn!(error = %e, "cannot place experts on the current workers; waiting for membership to change");
+                warn!(error = %e, workers = workers.len(), "cannot place experts on the current workers; waiting for membership to change");
+                st.failed_for = Some(workers);
                 return Ok(());
             }
         };
-        st.epoch += 1;
+        let epoch = st.epoch.max(self.epoch_floor.load(Ordering::Acquire)) + 1;
+        let draining: Vec<String> = st.draining.iter().filter(|d| st.members.contains_key(*d)).cloned().collect();
         let msg = PlacementPlan {
-            epoch: st.epoch,
-            workers: workers.iter().map(|m| m.info.clone()).collect(),
+            epoch,
+            workers,
             layers: plan
                 .layers
                 .iter()
@@ -261,17 +501,25 @@ impl CoordinatorCore {
                     experts: experts.iter().map(|r| Replicas { workers: r.clone() }).collect(),
                 })
                 .collect(),
+            draining,
         };
-        info!(epoch = msg.epoch, workers = msg.workers.len(), policy = self.policy.name(), "placement proposed");
-        if self.store.put_if(&self.plan_key(msg.epoch), msg.encode_to_vec(), 0, None).await?.is_none() {
+        // Written once: a second leader racing for the same epoch loses here.
+        let bytes = msg.encode_to_vec();
+        if self.store.put_if(&self.keys.plan(epoch), bytes.clone(), 0, None).await?.is_none() {
             return Err(CoordinatorError::Store(format!(
-                "placement epoch {} already exists in the store: another coordinator is writing to this cluster",
-                msg.epoch
+                "placement epoch {epoch} already exists in the store: another coordinator is writing to this cluster"
             )));
         }
-        self.store.put(&self.key("placement/pending"), msg.epoch.to_string().into_bytes(), None).await?;
-        st.pending = Some(msg.clone());
-        let _ = self.events.send(PlacementEvent { plan: Some(msg), committed: false });
+        self.store.put(&self.keys.pending(), epoch.to_string().into_bytes(), None).await?;
+        info!(
+            epoch,
+            workers = msg.workers.len(),
+            draining = msg.draining.len(),
+            policy = self.policy.name(),
+            "placement proposed"
+        );
+        self.apply(st, &self.keys.plan(epoch), Some(&bytes));
+        self.apply(st, &self.keys.pending(), Some(epoch.to_string().as_bytes()));
         Ok(())
     }
 }
@@ -288,36 +536,31 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<PlacementEvent, Status>> + S
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let req = req.into_inner();
-        let seen_epoch = req.epoch;
         let info = req.worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
         if info.worker_id.is_empty() || info.address.is_empty() {
             return Err(Status::invalid_argument("register: worker_id and address are required"));
         }
-        let c = &self.core;
-        let mut st = c.state.lock().await;
-        if let Some(old) = st.members.remove(&info.worker_id) {
-            // Registering again (lease lost, or restarted): the old lease goes with its key.
-            c.store.revoke(old.lease_id).await.map_err(Status::from)?;
+        if info.worker_id.contains('/') {
+            return Err(Status::invalid_argument(format!(
+                "register: worker_id `{}` contains `/`; use letters, digits, `-`, `_` or `.`",
+                info.worker_id
+            )));
         }
-        st.epoch = st.epoch.max(seen_epoch);
+        let c = &self.core;
+        c.epoch_floor.fetch_max(req.epoch, Ordering::AcqRel);
+        let key = c.keys.worker(&info.worker_id);
+        if let Some(old) = c.store.get(&key).await.map_err(Status::from)? {
+            // Registering again (lease lost, or restarted): the old lease goes with its keys.
+            if old.lease != 0 {
+                c.store.revoke(old.lease).await.map_err(Status::from)?;
+            }
+        }
         let lease_id = c.store.grant_lease(c.cfg.lease_ttl).await.map_err(Status::from)?;
+        let bytes = info.encode_to_vec();
+        c.store.put(&key, bytes.clone(), Some(lease_id)).await.map_err(Status::from)?;
         info!(worker = %info.worker_id, address = %info.address, lease = lease_id, "worker registered");
-        c.store
-            .put(&c.key(&format!("workers/{}", info.worker_id)), info.encode_to_vec(), Some(lease_id))
-            .await
-            .map_err(Status::from)?;
-        st.members.insert(
-            info.worker_id.clone(),
-            Member {
-                info,
-                lease_id,
-                last_heartbeat: Instant::now(),
-                ready_epoch: 0,
-                load: HashMap::new(),
-                error: String::new(),
-            },
-        );
-        st.dirty_since = Some(Instant::now());
+        let mut st = c.state.lock().await;
+        c.apply(&mut st, &key, Some(&bytes));
         Ok(Response::new(RegisterResponse {
             lease_id: lease_id as u64,
             ttl_ms: c.cfg.lease_ttl.as_millis() as u32,
@@ -329,46 +572,32 @@ impl Coordinator for CoordinatorService {
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
         let c = &self.core;
-        let mut st = c.state.lock().await;
-        let current_epoch = st.current.as_ref().map(|p| p.epoch).unwrap_or(0);
-        let lease = r.lease_id as LeaseId;
-        let ours = st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == lease);
-        let known = if ours {
-            match c.store.keep_alive(lease).await {
-                Ok(alive) => alive,
-                Err(e) => {
-                    // The worker reached us, so it is alive; the store cannot confirm the lease
-                    // right now. Keep the member (membership changes wait for the store) and let
-                    // the next heartbeat renew the lease once the store is back.
-                    warn!(worker = %r.worker_id, error = %e, "store unreachable; keeping the worker until it can be checked");
-                    true
-                }
+        let known = match c.store.keep_alive(r.lease_id as LeaseId).await {
+            Ok(alive) => alive,
+            Err(e) => {
+                // The worker reached us, so it is alive; the store cannot confirm the lease right
+                // now. Membership changes wait for the store; the next heartbeat renews the lease.
+                debug!(worker = %r.worker_id, error = %e, "store unreachable; cannot renew the lease now");
+                true
             }
-        } else {
-            false
         };
-        if known {
-            if let Some(m) = st.members.get_mut(&r.worker_id) {
-                m.last_heartbeat = Instant::now();
-            }
-        } else if ours {
-            warn!(worker = %r.worker_id, "lease expired in the store; the worker must register again");
-            st.members.remove(&r.worker_id);
-            st.dirty_since = Some(Instant::now());
+        let mut st = c.state.lock().await;
+        if let Some(m) = st.members.get_mut(&r.worker_id) {
+            m.last_seen = Instant::now();
         }
-        Ok(Response::new(HeartbeatResponse { known, current_epoch }))
+        if !known {
+            warn!(worker = %r.worker_id, "lease expired in the store; the worker must register again");
+        }
+        Ok(Response::new(HeartbeatResponse { known, current_epoch: State::epoch_of(&st.current) }))
     }
 
     async fn deregister(&self, req: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
         let r = req.into_inner();
         let c = &self.core;
+        c.store.revoke(r.lease_id as LeaseId).await.map_err(Status::from)?;
         let mut st = c.state.lock().await;
-        if st.members.get(&r.worker_id).is_some_and(|m| m.lease_id == r.lease_id as LeaseId) {
-            st.members.remove(&r.worker_id);
-            st.dirty_since = Some(Instant::now());
-            c.store.revoke(r.lease_id as LeaseId).await.map_err(Status::from)?;
-            info!(worker = %r.worker_id, "worker deregistered");
-        }
+        c.apply(&mut st, &c.keys.worker(&r.worker_id), None);
+        info!(worker = %r.worker_id, "worker deregistered");
         Ok(Response::new(DeregisterResponse {}))
     }
 
@@ -423,34 +652,56 @@ impl Coordinator for CoordinatorService {
     async fn report_ready(&self, req: Request<ReportReadyRequest>) -> Result<Response<ReportReadyResponse>, Status> {
         let r = req.into_inner();
         let c = &self.core;
-        let mut st = c.state.lock().await;
-        let m = st
-            .members
-            .get_mut(&r.worker_id)
-            .ok_or_else(|| Status::not_found(format!("worker {} is not registered", r.worker_id)))?;
-        c.store
-            .put(&c.ready_key(r.epoch, &r.worker_id), r.error.clone().into_bytes(), None)
-            .await
-            .map_err(Status::from)?;
+        if !c.state.lock().await.members.contains_key(&r.worker_id) {
+            return Err(Status::not_found(format!("worker {} is not registered", r.worker_id)));
+        }
+        let key = c.keys.ready(r.epoch, &r.worker_id);
+        c.store.put(&key, r.error.clone().into_bytes(), None).await.map_err(Status::from)?;
         if !r.error.is_empty() {
             warn!(worker = %r.worker_id, epoch = r.epoch, error = %r.error, "worker cannot load its experts; placement cannot commit");
-            m.error = r.error;
-            return Ok(Response::new(ReportReadyResponse {}));
         }
-        m.error.clear();
-        m.ready_epoch = m.ready_epoch.max(r.epoch);
+        let mut st = c.state.lock().await;
+        c.apply(&mut st, &key, Some(r.error.as_bytes()));
         Ok(Response::new(ReportReadyResponse {}))
     }
 
     async fn report_load(&self, req: Request<LoadReport>) -> Result<Response<ReportLoadResponse>, Status> {
+        // Statistics only: kept in this coordinator's memory, not written to the store.
         let r = req.into_inner();
-        let mut st = self.core.state.lock().await;
-        if let Some(m) = st.members.get_mut(&r.worker_id) {
-            for e in r.experts {
-                m.load.insert((e.layer, e.expert), e.tokens);
-            }
-        }
+        let c = &self.core;
+        let mut st = c.state.lock().await;
+        c.apply(&mut st, &c.keys.load(&r.worker_id), Some(&r.encode_to_vec()));
         Ok(Response::new(ReportLoadResponse {}))
+    }
+
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let r = req.into_inner();
+        let c = &self.core;
+        let (known, others) = {
+            let st = c.state.lock().await;
+            let others = st.members.keys().filter(|id| **id != r.worker_id && !st.draining.contains(*id)).count();
+            (st.members.keys().cloned().collect::<Vec<_>>(), others)
+        };
+        let wkey = c.keys.worker(&r.worker_id);
+        let lease = match c.store.get(&wkey).await.map_err(Status::from)? {
+            Some(kv) => kv.lease,
+            None => {
+                return Err(Status::not_found(format!(
+                    "drain: no worker `{}` in the cluster; members are: {}",
+                    r.worker_id,
+                    if known.is_empty() { "(none)".to_string() } else { known.join(", ") }
+                )))
+            }
+        };
+        // Bound to the worker's lease: the request vanishes with the worker.
+        let key = c.keys.drain(&r.worker_id);
+        c.store.put(&key, b"1".to_vec(), (lease != 0).then_some(lease)).await.map_err(Status::from)?;
+        let mut st = c.state.lock().await;
+        c.apply(&mut st, &key, Some(b"1"));
+        if others == 0 {
+            warn!(worker = %r.worker_id, "drain requested, but no other worker can take its experts");
+        }
+        Ok(Response::new(DrainResponse { will_move: others > 0 }))
     }
 
     async fn cluster_status(
@@ -465,8 +716,8 @@ impl Coordinator for CoordinatorService {
             p.layers.iter().flat_map(|l| &l.experts).filter(|r| r.workers.contains(&(idx as u32))).count() as u32
         };
         Ok(Response::new(ClusterStatusResponse {
-            current_epoch: st.current.as_ref().map(|p| p.epoch).unwrap_or(0),
-            pending_epoch: st.pending.as_ref().map(|p| p.epoch).unwrap_or(0),
+            current_epoch: State::epoch_of(&st.current),
+            pending_epoch: State::epoch_of(&st.pending),
             workers: st
                 .members
                 .values()
@@ -475,41 +726,56 @@ impl Coordinator for CoordinatorService {
                     experts_held: held(&m.info.worker_id),
                     tokens_total: m.load.values().sum(),
                     ready_epoch: m.ready_epoch,
-                    heartbeat_age_s: m.last_heartbeat.elapsed().as_secs_f64(),
+                    heartbeat_age_s: m.last_seen.elapsed().as_secs_f64(),
                     error: m.error.clone(),
+                    draining: st.draining.contains(&m.info.worker_id),
                 })
                 .collect(),
             model_type: c.spec.model_type.clone(),
             moe_layers: c.spec.moe_layers().len() as u32,
             routed_experts: c.spec.n_routed as u32,
+            leader: st.leader.clone(),
+            is_leader: c.is_leader(),
+            coordinator: c.cfg.advertise.clone(),
         }))
     }
 }
 
 /// Serve the coordinator on `listener` until `shutdown` fires.
 pub async fn serve(
-    cfg: CoordinatorConfig,
+    mut cfg: CoordinatorConfig,
     store_url: &str,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    if cfg.advertise.is_empty() {
+        cfg.advertise = addr.to_string();
+    }
     let store = open_store(store_url).await?;
     let core = CoordinatorCore::new(cfg, store)?;
-    core.resume().await?;
-    let addr: SocketAddr = listener.local_addr()?;
+    core.check_model().await?;
+    core.resync().await?;
+    let stop_tasks = CancellationToken::new();
+    let mirror = tokio::spawn(core.clone().mirror(stop_tasks.clone()));
+    let leader = tokio::spawn(core.clone().lead(stop_tasks.clone()));
     let ticker = {
         let core = core.clone();
-        let shutdown = shutdown.clone();
+        let stop = stop_tasks.clone();
         tokio::spawn(async move {
             let mut iv = tokio::time::interval(Duration::from_millis(50));
+            let mut failing = false;
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = iv.tick() => {
-                        if let Err(e) = core.tick().await {
-                            warn!(error = %e, "coordinator tick failed");
+                    _ = stop.cancelled() => break,
+                    _ = iv.tick() => match core.tick().await {
+                        Ok(()) => failing = false,
+                        Err(e) if !failing => {
+                            warn!(error = %e, "coordinator tick failed; retrying");
+                            failing = true;
                         }
-                    }
+                        Err(_) => {}
+                    },
                 }
             }
         })
@@ -524,6 +790,10 @@ pub async fn serve(
         .add_service(CoordinatorServer::new(CoordinatorService { core }))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled())
         .await?;
+    stop_tasks.cancel();
     ticker.abort();
+    mirror.abort();
+    // Let the leader task release its lease so a standby takes over at once.
+    let _ = tokio::time::timeout(Duration::from_secs(2), leader).await;
     Ok(())
 }

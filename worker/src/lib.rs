@@ -8,6 +8,7 @@ pub mod synth;
 pub use checkpoint::Checkpoint;
 pub use error::{Result, WorkerError};
 pub mod compute;
+pub mod control;
 pub mod dispatcher;
 pub mod moe;
 pub mod node;

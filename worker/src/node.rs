@@ -1,6 +1,7 @@
-//! A worker process: register with the coordinator, keep the lease, follow placement epochs
-//! (load what a proposed plan adds before reporting ready; free what a committed plan dropped),
-//! serve ExpertService and MoeLayer, report load, and deregister on shutdown.
+//! A worker process: register (with a coordinator, or in etcd directly), keep the lease on a
+//! thread of its own, follow placement epochs (load what a proposed plan adds before reporting
+//! ready; free what a committed plan dropped), serve ExpertService and MoeLayer, report load;
+//! on SIGTERM drain (experts move away first), on SIGINT leave at once.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -8,20 +9,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use expertmesh_kernels::backend_for_device;
-use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
 use expertmesh_proto::v1::expert_service_server::ExpertServiceServer;
 use expertmesh_proto::v1::moe_layer_server::MoeLayerServer;
-use expertmesh_proto::v1::{
-    DeregisterRequest, DeviceInfo, HeartbeatRequest, LoadReport, PlacementPlan, RegisterRequest, ReportReadyRequest,
-    WatchPlacementRequest, WorkerInfo,
-};
+use expertmesh_proto::v1::{DeviceInfo, LoadReport, PlacementPlan, WorkerInfo};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{info, warn};
 
 use crate::checkpoint::Checkpoint;
 use crate::compute::on_pool;
+use crate::control::{connect_control, ControlPlane, ControlTarget, Registration};
 use crate::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
 use crate::error::{Result, WorkerError};
 use crate::moe::Frontend;
@@ -30,7 +29,8 @@ use crate::service::{ExpertServiceImpl, ExpertStore, MoeLayerImpl};
 /// Worker settings (from `expertmesh worker` flags).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    pub coordinator: String,
+    /// The coordinator, or the store the worker registers in directly.
+    pub control: ControlTarget,
     pub listen: SocketAddr,
     /// Address others reach this worker at (default: the bound address).
     pub advertise: Option<String>,
@@ -43,30 +43,27 @@ pub struct WorkerConfig {
     pub tflops: f64,
     pub max_message_bytes: usize,
     pub dispatcher: DispatcherConfig,
+    /// How long a drain (SIGTERM) waits for the experts to move before leaving anyway.
+    pub drain_timeout: Duration,
 }
 
-/// Connect to the coordinator, retrying until `deadline`.
-pub async fn connect_coordinator(addr: &str, deadline: Duration) -> Result<CoordinatorClient<Channel>> {
-    let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
-    let start = std::time::Instant::now();
-    loop {
-        match CoordinatorClient::connect(url.clone()).await {
-            Ok(c) => return Ok(c.max_decoding_message_size(256 << 20)),
-            Err(e) if start.elapsed() < deadline => {
-                warn!(coordinator = %addr, error = %e, "coordinator not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                return Err(WorkerError::Unavailable(format!("coordinator {addr} unreachable after {deadline:?}: {e}")))
-            }
-        }
-    }
+/// After the drain commits, keep serving this long so dispatchers that routed by the previous
+/// epoch finish against this worker, then stop accepting and finish what is in flight.
+const DRAIN_GRACE: Duration = Duration::from_millis(1000);
+
+/// How a worker is asked to stop.
+#[derive(Debug, Clone, Default)]
+pub struct StopSignals {
+    /// Graceful (SIGTERM): move the experts away first, then leave.
+    pub drain: CancellationToken,
+    /// Fast (SIGINT): leave now; dispatchers retry what was in flight on the next epoch.
+    pub quit: CancellationToken,
 }
 
-/// Follow the coordinator's committed placements into `tx` until `shutdown`; reconnects when
-/// the watch drops. `on_event` sees every event first (workers load proposed plans there).
+/// Follow committed placements into `tx` until `shutdown`; watches again when the feed breaks.
+/// `on_event` sees every event first (workers load proposed plans there).
 pub async fn follow_placement<F, Fut>(
-    mut client: CoordinatorClient<Channel>,
+    control: Arc<dyn ControlPlane>,
     tx: RouteTableTx,
     shutdown: CancellationToken,
     mut on_event: F,
@@ -74,46 +71,131 @@ pub async fn follow_placement<F, Fut>(
     F: FnMut(PlacementPlan, bool) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    let mut failing = false;
     loop {
-        let stream = tokio::select! {
+        let feed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            s = client.watch_placement(WatchPlacementRequest {}) => s,
+            s = control.watch_placement() => s,
         };
-        match stream {
-            Ok(s) => {
-                let mut s = s.into_inner();
+        match feed {
+            Ok(mut rx) => {
+                if failing {
+                    info!("placement feed back; following again");
+                    failing = false;
+                }
                 loop {
-                    let msg = tokio::select! {
+                    let ev = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        m = s.message() => m,
+                        ev = rx.recv() => ev,
                     };
-                    match msg {
-                        Ok(Some(ev)) => {
-                            let Some(plan) = ev.plan else { continue };
-                            on_event(plan.clone(), ev.committed).await;
-                            if ev.committed {
-                                let newer = tx.borrow().as_ref().is_none_or(|t| t.epoch < plan.epoch);
-                                if newer {
-                                    info!(epoch = plan.epoch, "routing by committed placement");
-                                    let _ = tx.send(Some(Arc::new(RouteTable::from_plan(&plan))));
-                                }
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            warn!(error = %e, "placement watch failed; re-watching");
-                            break;
+                    let Some(ev) = ev else { break };
+                    let Some(plan) = ev.plan else { continue };
+                    on_event(plan.clone(), ev.committed).await;
+                    if ev.committed {
+                        let newer = tx.borrow().as_ref().is_none_or(|t| t.epoch < plan.epoch);
+                        if newer {
+                            info!(epoch = plan.epoch, "routing by committed placement");
+                            let _ = tx.send(Some(Arc::new(RouteTable::from_plan(&plan))));
                         }
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "cannot watch placement; retrying"),
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot follow placement; routing by the last committed plan and retrying");
+                    failing = true;
+                }
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(300)) => {}
         }
     }
+}
+
+/// Register, retrying until `deadline` (a store-mode worker may start before any coordinator
+/// has published the model).
+async fn register_with_retry(
+    control: &Arc<dyn ControlPlane>,
+    info: &WorkerInfo,
+    deadline: Duration,
+) -> Result<Registration> {
+    let start = std::time::Instant::now();
+    loop {
+        match control.register(info, 0).await {
+            Ok(r) => return Ok(r),
+            Err(e) if start.elapsed() < deadline => {
+                warn!(error = %e, "cannot register yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Keep the lease alive on a thread of its own with its own runtime and its own connection, so
+/// a data plane that keeps every other thread busy cannot starve it. Registers again (with the
+/// epoch the worker follows) when the lease was lost.
+fn spawn_lease_keeper(
+    target: ControlTarget,
+    info: WorkerInfo,
+    lease: Arc<AtomicU64>,
+    store: Arc<ExpertStore>,
+    ttl: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("expertmesh-lease".into()).spawn(move || {
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(error = %e, "cannot start the lease keeper's runtime");
+                return;
+            }
+        };
+        rt.block_on(async move {
+            let control = tokio::select! {
+                _ = stop.cancelled() => return,
+                c = connect_control(&target, Duration::from_secs(3600)) => match c {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "lease keeper cannot reach the control plane");
+                        return;
+                    }
+                },
+            };
+            let id = info.worker_id.clone();
+            let mut failing = false;
+            loop {
+                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(ttl / 3) => {} }
+                let l = lease.load(Ordering::Acquire);
+                match control.keep_alive(&id, l).await {
+                    Ok(true) => {
+                        if failing {
+                            info!(worker = %id, "lease renewed again");
+                            failing = false;
+                        }
+                    }
+                    Ok(false) => {
+                        warn!(worker = %id, "lease lost; registering again");
+                        match control.register(&info, store.epoch()).await {
+                            Ok(r) => {
+                                lease.store(r.lease, Ordering::Release);
+                                info!(worker = %id, lease = r.lease, "registered again; serving on");
+                            }
+                            Err(e) => warn!(worker = %id, error = %e, "cannot register again yet"),
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            warn!(worker = %id, error = %e, "cannot renew the lease; serving on and retrying");
+                            failing = true;
+                        }
+                    }
+                }
+            }
+        })
+    })
 }
 
 fn my_experts(plan: &PlacementPlan, worker_id: &str) -> HashSet<(u32, u32)> {
@@ -129,9 +211,9 @@ fn my_experts(plan: &PlacementPlan, worker_id: &str) -> HashSet<(u32, u32)> {
     out
 }
 
-/// Run a worker until `shutdown` fires. Prints `EXPERTMESH_WORKER_READY id=.. addr=..` on
-/// stdout once it serves.
-pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
+/// Run a worker until it is stopped or drained. Prints `EXPERTMESH_WORKER_READY id=.. addr=..`
+/// on stdout once it serves.
+pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     let backend = backend_for_device(&cfg.device)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = cfg.advertise.clone().unwrap_or(listener.local_addr()?.to_string());
@@ -146,14 +228,15 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
             tflops: cfg.tflops,
         }],
     };
-    let mut coord = connect_coordinator(&cfg.coordinator, Duration::from_secs(30)).await?;
-    let reg = coord.register(RegisterRequest { worker: Some(info_msg.clone()), epoch: 0 }).await?.into_inner();
+    let control = connect_control(&cfg.control, Duration::from_secs(30)).await?;
+    let reg = register_with_retry(&control, &info_msg, Duration::from_secs(30)).await?;
     let model_dir = cfg.model.clone().unwrap_or_else(|| PathBuf::from(&reg.model_dir));
     let ck = Arc::new(Checkpoint::open(&model_dir)?);
     let theirs = expertmesh_core::ModelSpec::from_config_json(&reg.model_config_json)?;
     if &theirs != ck.spec() {
+        let _ = control.deregister(&cfg.worker_id, reg.lease).await;
         return Err(WorkerError::Checkpoint(format!(
-            "{} is not the model the coordinator serves ({} vs {})",
+            "{} is not the model the cluster serves ({} vs {})",
             model_dir.display(),
             ck.spec().model_type,
             theirs.model_type
@@ -193,54 +276,43 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
     info!(worker = %cfg.worker_id, %addr, device = %backend.name(), model = %model_dir.display(), "worker serving");
     println!("EXPERTMESH_WORKER_READY id={} addr={}", cfg.worker_id, addr);
 
-    let lease = Arc::new(std::sync::atomic::AtomicU64::new(reg.lease_id));
-    let ttl = Duration::from_millis(reg.ttl_ms.max(300) as u64);
-    // Heartbeats; re-register when the lease was lost rather than exit.
-    let hb = {
-        let (mut c, lease, stop, info_msg) = (coord.clone(), lease.clone(), shutdown.clone(), info_msg.clone());
-        let store = store.clone();
-        let id = cfg.worker_id.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(ttl / 3) => {} }
-                let l = lease.load(std::sync::atomic::Ordering::Acquire);
-                match c.heartbeat(HeartbeatRequest { worker_id: id.clone(), lease_id: l }).await {
-                    Ok(r) if r.get_ref().known => {}
-                    Ok(_) => {
-                        warn!(worker = %id, "lease lost; registering again");
-                        let req = RegisterRequest { worker: Some(info_msg.clone()), epoch: store.epoch() };
-                        if let Ok(r) = c.register(req).await {
-                            lease.store(r.get_ref().lease_id, std::sync::atomic::Ordering::Release);
-                        }
-                    }
-                    Err(e) => warn!(worker = %id, error = %e, "heartbeat failed"),
-                }
-            }
-        })
-    };
+    let lease = Arc::new(AtomicU64::new(reg.lease));
+    let tasks_stop = CancellationToken::new();
+    let keeper = spawn_lease_keeper(
+        cfg.control.clone(),
+        info_msg.clone(),
+        lease.clone(),
+        store.clone(),
+        reg.ttl,
+        tasks_stop.clone(),
+    )?;
     // Load reports.
     let reports = {
-        let (mut c, store, stop, id) = (coord.clone(), store.clone(), shutdown.clone(), cfg.worker_id.clone());
+        let (c, store, stop, id, lease) =
+            (control.clone(), store.clone(), tasks_stop.clone(), cfg.worker_id.clone(), lease.clone());
         tokio::spawn(async move {
             loop {
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                let _ = c
-                    .report_load(LoadReport { worker_id: id.clone(), epoch: store.epoch(), experts: store.counters() })
-                    .await;
+                let report = LoadReport { worker_id: id.clone(), epoch: store.epoch(), experts: store.counters() };
+                let _ = c.report_load(report, lease.load(Ordering::Acquire)).await;
             }
         })
     };
-    // Placement: load on proposal, switch and free on commit.
+    // Placement: load on proposal, switch and free on commit; a committed plan that lists this
+    // worker as draining (and gives it nothing) lets it leave.
+    let drained = CancellationToken::new();
     let follower = {
         let (c, store, ck, backend, stop) =
-            (coord.clone(), store.clone(), ck.clone(), backend.clone(), shutdown.clone());
+            (control.clone(), store.clone(), ck.clone(), backend.clone(), tasks_stop.clone());
         let id = cfg.worker_id.clone();
+        let drained = drained.clone();
         tokio::spawn(async move {
             let mut pending: Option<(u64, HashSet<(u32, u32)>)> = None;
             let rc = c.clone();
             follow_placement(c, table_tx, stop, move |plan, committed| {
                 let mine = my_experts(&plan, &id);
                 let (store, ck, backend, id) = (store.clone(), ck.clone(), backend.clone(), id.clone());
+                let leaving = committed && plan.draining.contains(&id) && !plan.workers.iter().any(|w| w.worker_id == id);
                 let mut keep = None;
                 if committed {
                     let mut k = mine.clone();
@@ -256,8 +328,15 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
                 } else {
                     pending = Some((plan.epoch, mine.clone()));
                 }
-                let mut rc = rc.clone();
+                let rc = rc.clone();
+                let drained = drained.clone();
                 async move {
+                    if leaving {
+                        // Keep the experts: dispatchers that routed by the last epoch finish here.
+                        info!(worker = %id, epoch = plan.epoch, "drained: the committed placement moved every expert away");
+                        drained.cancel();
+                        return;
+                    }
                     if let Some(keep) = keep {
                         store.set_epoch(plan.epoch);
                         store.retain(&keep);
@@ -274,17 +353,19 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
                             .collect()
                     })
                     .await;
-                    match loaded {
+                    let error = match loaded {
                         Ok(Ok(v)) => {
                             store.insert(v);
                             info!(worker = %id, epoch = plan.epoch, loaded = n, held = mine.len(), "experts loaded; ready");
-                            let _ = rc.report_ready(ReportReadyRequest { worker_id: id.clone(), epoch: plan.epoch, error: String::new() }).await;
+                            String::new()
                         }
                         Ok(Err(e)) | Err(e) => {
                             warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot load experts for the proposed placement");
-                            let error = format!("cannot load experts for placement epoch {}: {e}", plan.epoch);
-                            let _ = rc.report_ready(ReportReadyRequest { worker_id: id.clone(), epoch: plan.epoch, error }).await;
+                            format!("cannot load experts for placement epoch {}: {e}", plan.epoch)
                         }
+                    };
+                    if let Err(e) = rc.report_ready(&id, plan.epoch, error).await {
+                        warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot report ready; the next placement event retries");
                     }
                 }
             })
@@ -292,33 +373,80 @@ pub async fn run_worker(cfg: WorkerConfig, shutdown: CancellationToken) -> Resul
         })
     };
 
-    shutdown.cancelled().await;
-    info!(worker = %cfg.worker_id, "shutting down: deregistering, then draining");
-    let l = lease.load(std::sync::atomic::Ordering::Acquire);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(3),
-        coord.deregister(DeregisterRequest { worker_id: cfg.worker_id.clone(), lease_id: l }),
-    )
-    .await;
+    enum Exit {
+        Quit,
+        Drain,
+        Drained,
+    }
+    let exit = tokio::select! {
+        _ = signals.quit.cancelled() => Exit::Quit,
+        _ = signals.drain.cancelled() => Exit::Drain,
+        _ = drained.cancelled() => Exit::Drained,
+    };
+    let id = cfg.worker_id.clone();
+    let l = lease.load(Ordering::Acquire);
+    match exit {
+        Exit::Quit => {
+            info!(worker = %id, "stopping now: deregistering, then finishing in-flight requests");
+            let _ = tokio::time::timeout(Duration::from_secs(3), control.deregister(&id, l)).await;
+        }
+        Exit::Drain => {
+            info!(worker = %id, deadline = ?cfg.drain_timeout, "draining: asking for the experts to move away");
+            let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
+            let will_move = loop {
+                match tokio::time::timeout_at(deadline, control.request_drain(&id, l)).await {
+                    Ok(Ok(w)) => break w,
+                    Ok(Err(e)) => {
+                        warn!(worker = %id, error = %e, "cannot record the drain request; retrying");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    Err(_) => break false,
+                }
+            };
+            if !will_move {
+                warn!(worker = %id, "no other worker can take this worker's experts; leaving without moving them");
+            } else if tokio::time::timeout_at(deadline, drained.cancelled()).await.is_err() {
+                warn!(worker = %id, "drain deadline passed before the experts moved; leaving anyway");
+            }
+        }
+        Exit::Drained => info!(worker = %id, "drained from outside; leaving"),
+    }
+    if !matches!(exit, Exit::Quit) && drained.is_cancelled() {
+        tokio::time::sleep(DRAIN_GRACE).await;
+    }
+    // Stop accepting; in-flight streams finish.
     server_stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
-    hb.abort();
+    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
+        warn!(worker = %id, "in-flight requests did not finish within 10 s");
+    }
+    tasks_stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || keeper.join()).await;
+    if !matches!(exit, Exit::Quit) {
+        let l = lease.load(Ordering::Acquire);
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(3), control.deregister(&id, l))
+            .await
+            .unwrap_or_else(|_| Err(WorkerError::Unavailable("timed out".into())))
+        {
+            warn!(worker = %id, error = %e, "cannot revoke the lease; it expires on its own");
+        }
+    }
     reports.abort();
     follower.abort();
+    info!(worker = %id, "worker stopped");
     Ok(())
 }
 
-/// A dispatcher in this process that routes by `coordinator`'s committed placements.
+/// A dispatcher in this process that routes by the cluster's committed placements.
 pub async fn connect_dispatcher(
-    coordinator: &str,
+    target: &ControlTarget,
     ck: Arc<Checkpoint>,
     device: &str,
     cfg: DispatcherConfig,
     shutdown: CancellationToken,
 ) -> Result<Arc<Dispatcher>> {
     let backend = backend_for_device(device)?;
-    let client = connect_coordinator(coordinator, Duration::from_secs(30)).await?;
+    let control = connect_control(target, Duration::from_secs(30)).await?;
     let (tx, rx) = route_table_channel();
-    tokio::spawn(follow_placement(client, tx, shutdown, |_, _| async {}));
+    tokio::spawn(follow_placement(control, tx, shutdown, |_, _| async {}));
     Ok(Arc::new(Dispatcher::new(Frontend::new(ck, backend), rx, cfg)))
 }

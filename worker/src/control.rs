@@ -1,0 +1,354 @@
+//! The worker's side of the control plane, two ways: through a coordinator's gRPC API, or
+//! straight to etcd (`--store etcd://...`), writing the same keys a coordinator would. With the
+//! store, workers keep serving and following placement while every coordinator is down.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use expertmesh_coordinator::keys::{parse_epoch, ClusterKeys, Key};
+use expertmesh_coordinator::store::{open_store, MetadataStore};
+use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
+use expertmesh_proto::v1::{
+    DeregisterRequest, DrainRequest, HeartbeatRequest, LoadReport, PlacementEvent, PlacementPlan, RegisterRequest,
+    ReportReadyRequest, WatchPlacementRequest, WorkerInfo,
+};
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+use tracing::{debug, warn};
+
+use crate::error::{Result, WorkerError};
+
+/// Where a worker (or a dispatcher) finds the control plane.
+#[derive(Debug, Clone)]
+pub enum ControlTarget {
+    /// A coordinator's gRPC address.
+    Coordinator(String),
+    /// A metadata store URL (`etcd://HOST:PORT[,...]`), the cluster name, and the TTL of the
+    /// worker's own lease.
+    Store { url: String, cluster: String, lease_ttl: Duration },
+}
+
+/// What registering gave the worker.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub lease: u64,
+    pub ttl: Duration,
+    pub model_config_json: String,
+    pub model_dir: String,
+}
+
+/// Membership, readiness, drains and placement events, whichever way they travel.
+#[async_trait]
+pub trait ControlPlane: Send + Sync + std::fmt::Debug {
+    /// Join under a new lease. `epoch`: the placement epoch the worker follows now.
+    async fn register(&self, info: &WorkerInfo, epoch: u64) -> Result<Registration>;
+    /// Renew the lease; false when it is gone (register again).
+    async fn keep_alive(&self, worker: &str, lease: u64) -> Result<bool>;
+    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()>;
+    async fn report_load(&self, report: LoadReport, lease: u64) -> Result<()>;
+    /// Ask for the worker's experts to be moved away. Returns false when no other worker can
+    /// take them.
+    async fn request_drain(&self, worker: &str, lease: u64) -> Result<bool>;
+    /// Leave now: revoke the lease (its keys go with it).
+    async fn deregister(&self, worker: &str, lease: u64) -> Result<()>;
+    /// Placement events: first the committed plan and any proposal in progress, then every
+    /// change. The channel closes when the feed breaks; call again (duplicates are harmless).
+    async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>>;
+}
+
+/// Connect to the control plane, retrying until `deadline`.
+pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Result<Arc<dyn ControlPlane>> {
+    let start = std::time::Instant::now();
+    loop {
+        let attempt: Result<Arc<dyn ControlPlane>> = match target {
+            ControlTarget::Coordinator(addr) => GrpcControl::connect(addr).await.map(|c| Arc::new(c) as _),
+            ControlTarget::Store { url, cluster, lease_ttl } => open_store(url)
+                .await
+                .map(|store| Arc::new(StoreControl { store, keys: ClusterKeys::new(cluster), ttl: *lease_ttl }) as _)
+                .map_err(|e| WorkerError::Unavailable(e.to_string())),
+        };
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() < deadline => {
+                warn!(target = ?target, error = %e, "control plane not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => {
+                return Err(WorkerError::Unavailable(format!("control plane unreachable after {deadline:?}: {e}")))
+            }
+        }
+    }
+}
+
+/// A coordinator client, retrying the connection until `deadline`. `addrs` may name several
+/// coordinators, comma-separated: the first that answers is used.
+pub async fn connect_coordinator(addrs: &str, deadline: Duration) -> Result<CoordinatorClient<Channel>> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut last = String::new();
+        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match GrpcControl::connect(addr).await {
+                Ok(c) => return Ok(c.client),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if start.elapsed() >= deadline {
+            return Err(WorkerError::Unavailable(format!(
+                "no coordinator of `{addrs}` reachable after {deadline:?}: {last}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Through a coordinator.
+#[derive(Debug, Clone)]
+pub struct GrpcControl {
+    client: CoordinatorClient<Channel>,
+}
+
+impl GrpcControl {
+    pub async fn connect(addr: &str) -> Result<Self> {
+        let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+        let client = CoordinatorClient::connect(url)
+            .await
+            .map_err(|e| WorkerError::Unavailable(format!("coordinator {addr}: {e}")))?
+            .max_decoding_message_size(256 << 20);
+        Ok(Self { client })
+    }
+}
+
+#[async_trait]
+impl ControlPlane for GrpcControl {
+    async fn register(&self, info: &WorkerInfo, epoch: u64) -> Result<Registration> {
+        let r = self.client.clone().register(RegisterRequest { worker: Some(info.clone()), epoch }).await?.into_inner();
+        Ok(Registration {
+            lease: r.lease_id,
+            ttl: Duration::from_millis(r.ttl_ms.max(300) as u64),
+            model_config_json: r.model_config_json,
+            model_dir: r.model_dir,
+        })
+    }
+
+    async fn keep_alive(&self, worker: &str, lease: u64) -> Result<bool> {
+        let r = self.client.clone().heartbeat(HeartbeatRequest { worker_id: worker.into(), lease_id: lease }).await?;
+        Ok(r.into_inner().known)
+    }
+
+    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()> {
+        self.client.clone().report_ready(ReportReadyRequest { worker_id: worker.into(), epoch, error }).await?;
+        Ok(())
+    }
+
+    async fn report_load(&self, report: LoadReport, _lease: u64) -> Result<()> {
+        self.client.clone().report_load(report).await?;
+        Ok(())
+    }
+
+    async fn request_drain(&self, worker: &str, _lease: u64) -> Result<bool> {
+        let r = self.client.clone().drain(DrainRequest { worker_id: worker.into() }).await?;
+        Ok(r.into_inner().will_move)
+    }
+
+    async fn deregister(&self, worker: &str, lease: u64) -> Result<()> {
+        self.client.clone().deregister(DeregisterRequest { worker_id: worker.into(), lease_id: lease }).await?;
+        Ok(())
+    }
+
+    async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>> {
+        let mut s = self.client.clone().watch_placement(WatchPlacementRequest {}).await?.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            loop {
+                match s.message().await {
+                    Ok(Some(ev)) => {
+                        if tx.send(ev).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        debug!(error = %e, "placement watch ended");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// Straight to the metadata store.
+#[derive(Debug)]
+pub struct StoreControl {
+    store: Arc<dyn MetadataStore>,
+    keys: ClusterKeys,
+    ttl: Duration,
+}
+
+fn store_err(e: expertmesh_coordinator::CoordinatorError) -> WorkerError {
+    WorkerError::Unavailable(e.to_string())
+}
+
+impl StoreControl {
+    async fn get_plan(&self, epoch: u64) -> Result<Option<PlacementPlan>> {
+        match self.store.get(&self.keys.plan(epoch)).await.map_err(store_err)? {
+            Some(kv) => Ok(PlacementPlan::decode(kv.value.as_slice()).ok()),
+            None => Ok(None),
+        }
+    }
+
+    async fn pointers(&self) -> Result<(u64, u64)> {
+        let cur = self.store.get(&self.keys.current()).await.map_err(store_err)?;
+        let pend = self.store.get(&self.keys.pending()).await.map_err(store_err)?;
+        Ok((cur.map(|kv| parse_epoch(&kv.value)).unwrap_or(0), pend.map(|kv| parse_epoch(&kv.value)).unwrap_or(0)))
+    }
+}
+
+#[async_trait]
+impl ControlPlane for StoreControl {
+    async fn register(&self, info: &WorkerInfo, _epoch: u64) -> Result<Registration> {
+        let config = self.store.get(&self.keys.model_config()).await.map_err(store_err)?.ok_or_else(|| {
+            WorkerError::Unavailable(
+                "no coordinator has published this cluster's model to the store yet (start a coordinator with the same --store and --cluster)".into(),
+            )
+        })?;
+        let dir = self.store.get(&self.keys.model_dir()).await.map_err(store_err)?;
+        let key = self.keys.worker(&info.worker_id);
+        if let Some(old) = self.store.get(&key).await.map_err(store_err)? {
+            if old.lease != 0 {
+                self.store.revoke(old.lease).await.map_err(store_err)?;
+            }
+        }
+        let lease = self.store.grant_lease(self.ttl).await.map_err(store_err)?;
+        self.store.put(&key, info.encode_to_vec(), Some(lease)).await.map_err(store_err)?;
+        Ok(Registration {
+            lease: lease as u64,
+            ttl: self.ttl,
+            model_config_json: String::from_utf8_lossy(&config.value).into_owned(),
+            model_dir: dir.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).unwrap_or_default(),
+        })
+    }
+
+    async fn keep_alive(&self, _worker: &str, lease: u64) -> Result<bool> {
+        self.store.keep_alive(lease as i64).await.map_err(store_err)
+    }
+
+    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()> {
+        self.store.put(&self.keys.ready(epoch, worker), error.into_bytes(), None).await.map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn report_load(&self, report: LoadReport, lease: u64) -> Result<()> {
+        let key = self.keys.load(&report.worker_id);
+        self.store.put(&key, report.encode_to_vec(), Some(lease as i64)).await.map_err(store_err)?;
+        Ok(())
+    }
+
+    async fn request_drain(&self, worker: &str, lease: u64) -> Result<bool> {
+        self.store.put(&self.keys.drain(worker), b"1".to_vec(), Some(lease as i64)).await.map_err(store_err)?;
+        let (members, _) = self.store.list(&self.keys.workers()).await.map_err(store_err)?;
+        let (drains, _) = self.store.list(&self.keys.drains()).await.map_err(store_err)?;
+        let draining: Vec<Key> = drains.iter().filter_map(|kv| self.keys.parse(&kv.key)).collect();
+        let others = members
+            .iter()
+            .filter_map(|kv| match self.keys.parse(&kv.key) {
+                Some(Key::Worker(id)) if id != worker && !draining.contains(&Key::Drain(id.clone())) => Some(id),
+                _ => None,
+            })
+            .count();
+        Ok(others > 0)
+    }
+
+    async fn deregister(&self, _worker: &str, lease: u64) -> Result<()> {
+        self.store.revoke(lease as i64).await.map_err(store_err)
+    }
+
+    async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>> {
+        let (kvs, rev) = self.store.list(&self.keys.placement()).await.map_err(store_err)?;
+        let mut plans: BTreeMap<u64, PlacementPlan> = BTreeMap::new();
+        let (mut cur, mut pend) = (0u64, 0u64);
+        for kv in &kvs {
+            match self.keys.parse(&kv.key) {
+                Some(Key::Plan(e)) => {
+                    if let Ok(p) = PlacementPlan::decode(kv.value.as_slice()) {
+                        plans.insert(e, p);
+                    }
+                }
+                Some(Key::Current) => cur = parse_epoch(&kv.value),
+                Some(Key::Pending) => pend = parse_epoch(&kv.value),
+                _ => {}
+            }
+        }
+        let mut watch = self.store.watch(&self.keys.placement(), rev).await.map_err(store_err)?;
+        let (tx, rx) = mpsc::channel(16);
+        let mut initial = Vec::new();
+        if let Some(p) = plans.get(&cur) {
+            initial.push(PlacementEvent { plan: Some(p.clone()), committed: true });
+        }
+        if pend > cur {
+            if let Some(p) = plans.get(&pend) {
+                initial.push(PlacementEvent { plan: Some(p.clone()), committed: false });
+            }
+        }
+        let me = StoreControl { store: self.store.clone(), keys: self.keys.clone(), ttl: self.ttl };
+        tokio::spawn(async move {
+            for ev in initial {
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+            // A periodic check of the two pointers catches a watch that stalls without closing.
+            let mut check = tokio::time::interval(Duration::from_secs(2));
+            check.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = check.tick() => {
+                        if let Ok((c, p)) = me.pointers().await {
+                            if c != cur || (p > c && p != pend) {
+                                debug!(current = c, pending = p, "placement watch fell behind; listing again");
+                                return;
+                            }
+                        }
+                    }
+                    ev = watch.recv() => {
+                        let Some(ev) = ev else { return };
+                        let Some(value) = ev.value else { continue };
+                        let (epoch, committed) = match me.keys.parse(&ev.key) {
+                            Some(Key::Plan(e)) => {
+                                if let Ok(p) = PlacementPlan::decode(value.as_slice()) {
+                                    plans.insert(e, p);
+                                }
+                                continue;
+                            }
+                            Some(Key::Current) => (parse_epoch(&value), true),
+                            Some(Key::Pending) => (parse_epoch(&value), false),
+                            _ => continue,
+                        };
+                        let plan = match plans.get(&epoch) {
+                            Some(p) => p.clone(),
+                            None => match me.get_plan(epoch).await {
+                                Ok(Some(p)) => p,
+                                _ => return,
+                            },
+                        };
+                        if committed {
+                            cur = epoch;
+                            plans.retain(|e, _| *e >= epoch);
+                        } else {
+                            pend = epoch;
+                        }
+                        if tx.send(PlacementEvent { plan: Some(plan), committed }).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
