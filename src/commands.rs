@@ -91,10 +91,11 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         advertise: a.advertise.unwrap_or_default(),
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
-    let addr = listener.local_addr()?;
-    println!("EXPERTMESH_COORDINATOR_READY addr={addr}");
-    let _ = std::io::stdout().flush();
-    expertmesh_coordinator::serve(cfg, &a.store, listener, shutdown_on_signals()).await?;
+    let ready = |addr| {
+        println!("EXPERTMESH_COORDINATOR_READY addr={addr}");
+        let _ = std::io::stdout().flush();
+    };
+    expertmesh_coordinator::serve(cfg, &a.store, listener, shutdown_on_signals(), ready).await?;
     Ok(())
 }
 

@@ -160,8 +160,9 @@ impl CoordinatorCore {
                 )));
             }
         }
-        self.store.put(&self.keys.model_config(), self.cfg.model_config_json.clone().into_bytes(), None).await?;
+        // The directory first: workers look for the config and then read the directory.
         self.store.put(&self.keys.model_dir(), self.cfg.model_dir.clone().into_bytes(), None).await?;
+        self.store.put(&self.keys.model_config(), self.cfg.model_config_json.clone().into_bytes(), None).await?;
         Ok(())
     }
 
@@ -353,7 +354,7 @@ impl CoordinatorCore {
     /// shutdown so a standby takes over at once.
     async fn lead(self: Arc<Self>, shutdown: CancellationToken) {
         let ttl = self.cfg.lease_ttl;
-        let poll = (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let poll = (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let lease = match self.campaign().await {
                 Ok(Some(lease)) => lease,
@@ -741,12 +742,14 @@ impl Coordinator for CoordinatorService {
     }
 }
 
-/// Serve the coordinator on `listener` until `shutdown` fires.
+/// Serve the coordinator on `listener` until `shutdown` fires. `on_ready` runs once the store is
+/// open, the model checked against it, and the state read back.
 pub async fn serve(
     mut cfg: CoordinatorConfig,
     store_url: &str,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     if cfg.advertise.is_empty() {
@@ -784,6 +787,7 @@ pub async fn serve(
     health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let reflection = expertmesh_proto::reflection_service().map_err(CoordinatorError::InvalidInput)?;
     info!(%addr, "coordinator serving");
+    on_ready(addr);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)

@@ -57,6 +57,32 @@ pub fn spawn(args: &[&str], marker: &str, log: &Path) -> Proc {
     }
 }
 
+/// `expertmesh coordinator --model MODEL ARGS`, logging to `log`.
+pub fn spawn_coordinator(model: &Path, args: &[&str], log: &Path) -> Proc {
+    let m = model.display().to_string();
+    let mut a = vec!["coordinator", "--model", &m];
+    a.extend_from_slice(args);
+    spawn(&a, "EXPERTMESH_COORDINATOR_READY", log)
+}
+
+/// Send `sig` (e.g. "-KILL", "-TERM", "-STOP") to a process.
+pub fn signal(p: &Proc, sig: &str) {
+    let pid = p.child.id().to_string();
+    assert!(Command::new("kill").args([sig, &pid]).status().unwrap().success(), "kill {sig} {pid}");
+}
+
+/// Wait (bounded by `limit`) for a process to exit; its exit status.
+pub fn wait_exit(p: &mut Proc, limit: Duration) -> Option<std::process::ExitStatus> {
+    let t = std::time::Instant::now();
+    while t.elapsed() < limit {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 /// Coordinator + N workers.
 pub struct Cluster {
     pub coordinator: Proc,
@@ -109,6 +135,19 @@ impl Cluster {
         args.extend_from_slice(extra);
         let p = spawn(&args, "EXPERTMESH_WORKER_READY", &self.logs.path().join(format!("{id}.log")));
         self.workers.push(p);
+    }
+
+    /// Start a worker `id` that registers in the store directly (no coordinator address).
+    pub fn add_store_worker(&mut self, id: &str, store: &str, extra: &[&str]) {
+        let mut args = vec!["worker", "--store", store, "--listen", "127.0.0.1:0", "--id", id];
+        args.extend_from_slice(extra);
+        let p = spawn(&args, "EXPERTMESH_WORKER_READY", &self.logs.path().join(format!("{id}.log")));
+        self.workers.push(p);
+    }
+
+    /// Index of worker `id` in `workers`.
+    pub fn worker_index(&self, id: &str) -> usize {
+        self.workers.iter().position(|p| p.log.file_stem().is_some_and(|s| s == id)).expect("no such worker")
     }
 
     /// A MoeLayer client on worker `i`.
