@@ -53,9 +53,7 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     let ttl = TTL_MS.to_string();
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(96), ..Default::default() }, 71);
     let addrs = [free_addr(), free_addr()];
-    let args = |i: usize| -> Vec<&str> {
-        vec!["--listen", &addrs[i], "--store", &store, "--lease-ttl-ms", &ttl]
-    };
+    let args = |i: usize| -> Vec<&str> { vec!["--listen", &addrs[i], "--store", &store, "--lease-ttl-ms", &ttl] };
     let full = |i: usize| [args(i), vec!["--expect-workers", "3"]].concat();
     let mut cluster = Cluster::coordinator_only(dir.path(), 3, &args(0));
     let logdir = cluster.logs.path().to_path_buf();
@@ -87,7 +85,11 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     let killed = Instant::now();
     let s = wait_for(&addrs[si], Duration::from_secs(30), "standby leading", |s| s["is_leader"] == true);
     let takeover = killed.elapsed();
-    println!("standby led {:.2} s after the leader was killed (TTL {:.1} s)", takeover.as_secs_f64(), TTL_MS as f64 / 1e3);
+    println!(
+        "standby led {:.2} s after the leader was killed (TTL {:.1} s)",
+        takeover.as_secs_f64(),
+        TTL_MS as f64 / 1e3
+    );
     assert!(takeover < Duration::from_millis(2 * TTL_MS), "takeover took {takeover:?}, more than two TTLs");
     assert_eq!(s["current_epoch"], 1, "the new leader serves the same placement: {s}");
     assert_eq!(s["pending_epoch"], 0, "{s}");

@@ -1,7 +1,9 @@
 //! A worker dies (SIGKILL) or freezes (SIGSTOP) under steady traffic. Its lease expires, the
 //! coordinator re-plans, survivors load the lost experts, and the rows in flight to it are retried
 //! on the new owner. With a replica of every expert, rows fail over to the replica at once. Every
-//! request gets its correct answer; nothing is lost. Each test prints its figures.
+//! request gets its correct answer; nothing is lost. A frozen worker that lost its lease registers
+//! again when it thaws and is planned back in, without restarting (through a coordinator, and
+//! registered in etcd directly). Each test prints its figures.
 
 mod common;
 
@@ -10,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::etcd::Etcd;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
@@ -21,11 +24,22 @@ enum Fault {
     Freeze,
 }
 
-async fn fault_under_traffic(fault: Fault, replicas: &str) {
+/// `etcd`: the workers register in etcd directly instead of through the coordinator.
+async fn fault_under_traffic(fault: Fault, replicas: &str, etcd: Option<&Etcd>) {
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(96), ..Default::default() }, 71);
-    let mut cluster = Cluster::coordinator_only(dir.path(), 3, &["--lease-ttl-ms", "2000", "--replicas", replicas]);
+    let store = etcd.map(|e| format!("etcd://{}", e.endpoint()));
+    let mut coord_args = vec!["--lease-ttl-ms", "2000", "--replicas", replicas];
+    if let Some(s) = &store {
+        coord_args.extend_from_slice(&["--store", s]);
+    }
+    let mut cluster = Cluster::coordinator_only(dir.path(), 3, &coord_args);
     for i in 0..3 {
-        cluster.add_worker(&format!("w{i}"), &WORKER_ARGS);
+        match &store {
+            Some(s) => {
+                cluster.add_store_worker(&format!("w{i}"), s, &[&WORKER_ARGS[..], &["--lease-ttl-ms", "2000"]].concat())
+            }
+            None => cluster.add_worker(&format!("w{i}"), &WORKER_ARGS),
+        }
     }
     let cases = traffic_cases(dir.path(), &spec, 32, 6);
     let stop = Arc::new(AtomicBool::new(false));
@@ -55,11 +69,29 @@ async fn fault_under_traffic(fault: Fault, replicas: &str) {
     }
     let t_replanned = Instant::now();
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    if let Fault::Freeze = fault {
+        // Thawed, w2 finds its lease gone, registers again and is planned back in.
+        assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+        let t = Instant::now();
+        loop {
+            let s = status_json(&cluster.coordinator.addr);
+            if s["workers"].as_array().unwrap().len() == 3 && s["current_epoch"].as_u64() >= Some(3) {
+                println!(
+                    "w2 registered again and was planned back in {:.2} s after it thawed",
+                    t.elapsed().as_secs_f64()
+                );
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "w2 did not come back: {s}\n{}", cluster.dump_logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(cluster.workers[2].child.try_wait().unwrap().is_none(), "w2 resumed instead of exiting");
+        let w2_log = std::fs::read_to_string(&cluster.workers[2].log).unwrap_or_default();
+        assert!(w2_log.contains("registered again; serving on"), "{w2_log}");
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let rep = traffic.await.unwrap();
-    if let Fault::Freeze = fault {
-        let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
-    }
     let first_after = rep.log.iter().find(|(t, _, _)| *t > t_fault).map(|(t, _, _)| t.duration_since(t_fault));
     let first_new_epoch = rep.log.iter().find(|(_, _, e)| *e >= 2).map(|(t, _, _)| t.duration_since(t_fault));
     let steady = rep.p99_between(t_fault - Duration::from_millis(1400), t_fault);
@@ -85,15 +117,21 @@ async fn fault_under_traffic(fault: Fault, replicas: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_without_replicas_experts_reloaded_by_survivors() {
-    fault_under_traffic(Fault::Kill, "1").await;
+    fault_under_traffic(Fault::Kill, "1", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_worker_with_replicas_fails_over_at_once() {
-    fault_under_traffic(Fault::Kill, "2").await;
+    fault_under_traffic(Fault::Kill, "2", None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_worker_times_out_and_its_rows_move() {
-    fault_under_traffic(Fault::Freeze, "1").await;
+    fault_under_traffic(Fault::Freeze, "1", None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_registered_in_etcd_loses_its_lease_and_comes_back() {
+    let etcd = Etcd::start();
+    fault_under_traffic(Fault::Freeze, "1", Some(&etcd)).await;
 }

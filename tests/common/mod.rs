@@ -135,7 +135,13 @@ pub fn start_traffic(
                         rep.epochs.push(r.epoch);
                     }
                 }
-                Err(e) => rep.failures.push(format!("request {}: {e}", rep.sent)),
+                Err(e) => {
+                    if rep.failures.len() < 1000 {
+                        rep.failures.push(format!("request {}: {e}", rep.sent));
+                    }
+                    // A client backs off; also keeps a dead cluster from spinning this loop.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
             }
         }
         rep

@@ -92,12 +92,20 @@ impl MetadataStore for EtcdStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<bool> {
-        let (mut keeper, mut stream) =
-            self.client.clone().lease_keep_alive(lease).await.map_err(|e| err("lease keep-alive", e))?;
+        // etcd answers a keep-alive of an expired or revoked lease with "lease not found" (some
+        // versions with TTL 0): either way the lease is gone, which is not a store failure.
+        let gone = |e: &etcd_client::Error| e.to_string().contains("lease not found");
+        let (mut keeper, mut stream) = match self.client.clone().lease_keep_alive(lease).await {
+            Ok(ks) => ks,
+            Err(e) if gone(&e) => return Ok(false),
+            Err(e) => return Err(err("lease keep-alive", e)),
+        };
         keeper.keep_alive().await.map_err(|e| err("lease keep-alive", e))?;
-        match stream.message().await.map_err(|e| err("lease keep-alive", e))? {
-            Some(r) => Ok(r.ttl() > 0),
-            None => Err(CoordinatorError::Store("etcd lease keep-alive: stream closed".into())),
+        match stream.message().await {
+            Ok(Some(r)) => Ok(r.ttl() > 0),
+            Ok(None) => Err(CoordinatorError::Store("etcd lease keep-alive: stream closed".into())),
+            Err(e) if gone(&e) => Ok(false),
+            Err(e) => Err(err("lease keep-alive", e)),
         }
     }
 
