@@ -276,7 +276,10 @@ pub(crate) struct DrainArgs {
 fn init_tracing(cli: &Cli, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(cli.log.clone().unwrap_or_else(|| default.to_string()))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if cli.log_format == "json" {
         b.json().init();
     } else {
