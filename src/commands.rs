@@ -22,7 +22,7 @@ use expertmesh_worker::synth::{generate, write_safetensors, GenOptions, OwnedTen
 use expertmesh_worker::Checkpoint;
 use tokio_util::sync::CancellationToken;
 
-use crate::local::LocalCluster;
+use crate::local::{LocalCluster, LocalOptions};
 use crate::{
     BenchArgs, CoordinatorArgs, DrainArgs, ForwardArgs, GenInputArgs, GenModelArgs, ModelSource, StatusArgs, UpArgs,
     WorkerArgs,
@@ -69,7 +69,7 @@ fn worker_signals() -> StopSignals {
     signals
 }
 
-fn parse_wire(s: &str) -> Result<DType> {
+pub(crate) fn parse_wire(s: &str) -> Result<DType> {
     match DType::parse(s)? {
         d @ (DType::BF16 | DType::F32) => Ok(d),
         d => bail!("--wire {}: expected bf16 or f32", d.name()),
@@ -184,7 +184,7 @@ pub(crate) fn gen_model(a: GenModelArgs) -> Result<()> {
     Ok(())
 }
 
-fn random_batch(spec: &expertmesh_core::ModelSpec, tokens: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+pub(crate) fn random_batch(spec: &expertmesh_core::ModelSpec, tokens: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
     let mut r = SplitMix64::new(seed);
     let x = (0..tokens * spec.hidden).map(|_| r.normal() as f32).collect();
     let ids = (0..tokens).map(|_| r.below(spec.vocab_size as u64) as i64).collect();
@@ -265,6 +265,11 @@ fn write_output(path: &Path, hidden: usize, out: &MoeOutput) -> Result<()> {
     Ok(())
 }
 
+/// `name` on PATH, if there.
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH").ok()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
 /// A scratch directory removed when dropped.
 fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
     Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
@@ -278,7 +283,7 @@ async fn cluster_dispatcher(
     log_dir: &Path,
     stop: CancellationToken,
 ) -> Result<(LocalCluster, Arc<Dispatcher>)> {
-    let cluster = LocalCluster::start(model, workers, replicas, log_dir).await?;
+    let cluster = LocalCluster::start(model, &LocalOptions::simple(workers, replicas), log_dir).await?;
     let ck = Arc::new(Checkpoint::open(model)?);
     let target = ControlTarget::Coordinator(cluster.coordinator.clone());
     let d = connect_dispatcher(&target, ck, "cpu", DispatcherConfig::default(), stop).await?;
@@ -344,7 +349,7 @@ fn resolve_model(src: &ModelSource, scratch: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -593,17 +598,25 @@ where
 pub(crate) async fn bench(a: BenchArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
     let work = scratch("expertmesh-bench-")?;
+    if a.fault.is_some() && which("etcd").is_none() {
+        bail!(
+            "--fault runs a real etcd: install it with `apt-get install -y etcd-server` (or scripts/install-deps.sh)"
+        );
+    }
     let model = match &a.model {
         Some(m) => m.clone(),
         None => {
             let dir = work.path().join("model");
+            // The fault benchmark runs many requests through recovery on a small machine: half
+            // the width of the throughput benchmark's layer.
+            let (hidden, ffn) = if a.fault.is_some() { (1024, 512) } else { (2048, 1024) };
             let opts = GenOptions {
                 preset: "deepseek-v3".into(),
                 overrides: PresetOverrides {
                     layers: Some(2),
                     experts: Some(64),
-                    hidden: Some(2048),
-                    ffn: Some(1024),
+                    hidden: Some(hidden),
+                    ffn: Some(ffn),
                     top_k: Some(6),
                     ..Default::default()
                 },
@@ -616,6 +629,9 @@ pub(crate) async fn bench(a: BenchArgs) -> Result<()> {
             dir
         }
     };
+    if let Some(fault) = a.fault {
+        return crate::fault_bench::fault_bench(&a, fault, &model, work.path()).await;
+    }
     let ck = Arc::new(Checkpoint::open(&model)?);
     let spec = ck.spec().clone();
     let layer = *spec.moe_layers().first().ok_or_else(|| anyhow!("no MoE layer"))?;

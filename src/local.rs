@@ -9,12 +9,33 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// Running coordinator and workers; killed when dropped.
+/// Running coordinators and workers; killed when dropped.
 #[derive(Debug)]
 pub(crate) struct LocalCluster {
+    /// Address of the first coordinator.
     pub(crate) coordinator: String,
+    pub(crate) coordinators: Vec<String>,
     pub(crate) workers: Vec<String>,
-    children: Vec<Child>,
+    /// Coordinators first, then workers.
+    children: Vec<Option<Child>>,
+}
+
+/// How to lay a local cluster out.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalOptions {
+    pub(crate) workers: usize,
+    pub(crate) replicas: usize,
+    /// Coordinators (more than one needs an etcd store: they elect a leader).
+    pub(crate) coordinators: usize,
+    /// `embedded`, or `etcd://...`: then workers register in etcd directly.
+    pub(crate) store: String,
+    pub(crate) lease_ttl_ms: u64,
+}
+
+impl LocalOptions {
+    pub(crate) fn simple(workers: usize, replicas: usize) -> Self {
+        Self { workers, replicas, coordinators: 1, store: "embedded".into(), lease_ttl_ms: 10_000 }
+    }
 }
 
 async fn spawn_ready(args: &[String], log: &Path, marker: &str) -> Result<(Child, String)> {
@@ -59,34 +80,45 @@ async fn spawn_ready(args: &[String], log: &Path, marker: &str) -> Result<(Child
 }
 
 impl LocalCluster {
-    /// Start a coordinator serving `model` and `workers` CPU workers; returns once every worker
-    /// serves (placement may still be loading: dispatchers wait for the first commit).
-    pub(crate) async fn start(model: &Path, workers: usize, replicas: usize, log_dir: &Path) -> Result<Self> {
+    /// Start coordinators serving `model` and CPU workers; returns once every worker serves
+    /// (placement may still be loading: dispatchers wait for the first commit).
+    pub(crate) async fn start(model: &Path, opts: &LocalOptions, log_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(log_dir)?;
         let model = model.canonicalize().with_context(|| format!("model directory {}", model.display()))?;
-        let (coord, caddr) = spawn_ready(
-            &[
-                "coordinator".into(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--model".into(),
-                model.display().to_string(),
-                "--expect-workers".into(),
-                workers.to_string(),
-                "--replicas".into(),
-                replicas.to_string(),
-            ],
-            &log_dir.join("coordinator.log"),
-            "EXPERTMESH_COORDINATOR_READY",
-        )
-        .await?;
-        let mut children = vec![coord];
+        let in_store = opts.store.starts_with("etcd://");
+        if opts.coordinators > 1 && !in_store {
+            bail!("{} coordinators need an etcd store to elect a leader", opts.coordinators);
+        }
+        let mut children = Vec::new();
+        let mut coordinators = Vec::new();
+        for i in 0..opts.coordinators.max(1) {
+            let (c, addr) = spawn_ready(
+                &[
+                    "coordinator".into(),
+                    "--listen".into(),
+                    "127.0.0.1:0".into(),
+                    "--model".into(),
+                    model.display().to_string(),
+                    "--expect-workers".into(),
+                    opts.workers.to_string(),
+                    "--replicas".into(),
+                    opts.replicas.to_string(),
+                    "--store".into(),
+                    opts.store.clone(),
+                    "--lease-ttl-ms".into(),
+                    opts.lease_ttl_ms.to_string(),
+                ],
+                &log_dir.join(if i == 0 { "coordinator.log".to_string() } else { format!("coordinator-{i}.log") }),
+                "EXPERTMESH_COORDINATOR_READY",
+            )
+            .await?;
+            children.push(Some(c));
+            coordinators.push(addr);
+        }
         let mut addrs = Vec::new();
-        let starts = (0..workers).map(|i| {
-            let args: Vec<String> = vec![
+        let starts = (0..opts.workers).map(|i| {
+            let mut args: Vec<String> = vec![
                 "worker".into(),
-                "--coordinator".into(),
-                caddr.clone(),
                 "--listen".into(),
                 "127.0.0.1:0".into(),
                 "--id".into(),
@@ -94,31 +126,121 @@ impl LocalCluster {
                 "--device".into(),
                 "cpu".into(),
             ];
+            if in_store {
+                args.extend(["--store".into(), opts.store.clone()]);
+                args.extend(["--lease-ttl-ms".into(), opts.lease_ttl_ms.to_string()]);
+            } else {
+                args.extend(["--coordinator".into(), coordinators[0].clone()]);
+            }
             let log = log_dir.join(format!("worker-{i}.log"));
             async move { spawn_ready(&args, &log, "EXPERTMESH_WORKER_READY").await }
         });
         for r in futures_join(starts).await {
             let (c, a) = r?;
-            children.push(c);
+            children.push(Some(c));
             addrs.push(a);
         }
-        Ok(Self { coordinator: caddr, workers: addrs, children })
+        Ok(Self { coordinator: coordinators[0].clone(), coordinators, workers: addrs, children })
+    }
+
+    /// SIGKILL coordinator `i`.
+    pub(crate) async fn kill_coordinator(&mut self, i: usize) {
+        if let Some(mut c) = self.children.get_mut(i).and_then(Option::take) {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// SIGKILL worker `i`.
+    pub(crate) async fn kill_worker(&mut self, i: usize) {
+        let n = self.coordinators.len();
+        if let Some(mut c) = self.children.get_mut(n + i).and_then(Option::take) {
+            let _ = c.kill().await;
+        }
     }
 
     /// Stop workers at once (SIGINT: the whole cluster is going, so there is nowhere to drain
-    /// to), then the coordinator (SIGTERM); wait (bounded) for exit.
+    /// to), then the coordinators (SIGTERM); wait (bounded) for exit.
     pub(crate) async fn stop(mut self) {
+        let n = self.coordinators.len();
         for (i, c) in self.children.iter().enumerate().rev() {
-            if let Some(pid) = c.id() {
-                let sig = if i == 0 { "-TERM" } else { "-INT" };
+            if let Some(pid) = c.as_ref().and_then(Child::id) {
+                let sig = if i < n { "-TERM" } else { "-INT" };
                 let _ = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status();
             }
         }
-        for c in self.children.iter_mut().rev() {
+        for c in self.children.iter_mut().rev().flatten() {
             if tokio::time::timeout(Duration::from_secs(8), c.wait()).await.is_err() {
                 let _ = c.kill().await;
             }
         }
+    }
+}
+
+/// A single-member etcd on free loopback ports with its data in `dir` (for `bench --fault`).
+#[derive(Debug)]
+pub(crate) struct LocalEtcd {
+    child: Option<Child>,
+    pub(crate) client_port: u16,
+    peer_port: u16,
+    dir: std::path::PathBuf,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalEtcd {
+    pub(crate) async fn start(dir: &Path) -> Result<Self> {
+        let mut e = Self { child: None, client_port: free_port()?, peer_port: free_port()?, dir: dir.to_path_buf() };
+        e.spawn().await?;
+        Ok(e)
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("etcd://127.0.0.1:{}", self.client_port)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let (c, p) = (self.client_port, self.peer_port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("etcd.log"))?;
+        let child = Command::new("etcd")
+            .args(["--name", "bench", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
+            .args(["--initial-cluster", &format!("bench=http://127.0.0.1:{p}")])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context(
+                "starting etcd (install it with `apt-get install -y etcd-server`, or run scripts/install-deps.sh)",
+            )?;
+        self.child = Some(child);
+        let t = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", c)).await.is_err() {
+            if t.elapsed() > Duration::from_secs(20) {
+                bail!("etcd did not listen on 127.0.0.1:{c}; see {}", self.dir.join("etcd.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL (the data stays for a restart).
+    pub(crate) async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    pub(crate) async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.spawn().await
     }
 }
 

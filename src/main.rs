@@ -2,6 +2,7 @@
 
 mod commands;
 mod env;
+mod fault_bench;
 mod local;
 
 use std::net::SocketAddr;
@@ -250,6 +251,25 @@ pub(crate) struct BenchArgs {
     pub(crate) wire: String,
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
+    /// Inject a fault under steady traffic instead (etcd, 2 coordinators, workers registered in
+    /// etcd; the first --batches size is the request size) and report its effect.
+    #[arg(long, value_enum)]
+    pub(crate) fault: Option<fault_bench::Fault>,
+    /// With --fault: copies of every expert.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replicas: usize,
+    /// With --fault: lease TTL of workers and coordinators.
+    #[arg(long, default_value_t = 3000)]
+    pub(crate) lease_ttl_ms: u64,
+    /// With --fault: seconds of steady traffic before the fault and after recovery.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) steady_s: f64,
+    /// With --fault stop-etcd: how long etcd stays down.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) outage_s: f64,
+    /// With --fault: concurrent clients.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) concurrency: usize,
 }
 
 #[derive(Debug, Args)]

@@ -33,8 +33,9 @@ use crate::error::{CoordinatorError, Result};
 use crate::keys::{parse_epoch, ClusterKeys, Key};
 use crate::store::{open_store, LeaseId, MetadataStore};
 
-/// Membership must be quiet this long before the leader re-plans (joins come in bursts).
-const SETTLE: Duration = Duration::from_millis(150);
+/// Membership must be quiet this long before the leader re-plans: a node's workers join (or die)
+/// together, and one plan for all of them beats one per worker.
+const SETTLE: Duration = Duration::from_millis(50);
 /// Plans kept in the store behind the committed one.
 const PLANS_KEPT: u64 = 8;
 

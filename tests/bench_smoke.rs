@@ -1,0 +1,61 @@
+//! `expertmesh bench` runs end to end and prints the JSON its docs describe. Timings are not
+//! asserted (tests never fail on timing); what is asserted holds on any machine: the bytes on the
+//! wire stay within 5% of the minimum, and a killed worker costs no request and moves the epoch.
+
+mod common;
+
+use common::cluster::BIN;
+use common::*;
+use expertmesh_core::config::PresetOverrides;
+use expertmesh_core::dtype::DType;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let o = std::process::Command::new(BIN).arg("bench").args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "bench {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr).lines().rev().take(30).collect::<Vec<_>>().join("\n")
+    );
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bench output is not JSON ({e})"))
+}
+
+#[test]
+fn throughput_bench_reports_both_paths_and_minimal_wire_bytes() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(128), ..Default::default() }, 91);
+    let m = dir.path().display().to_string();
+    let out = bench(&["--model", &m, "--workers", "2", "--batches", "64", "--iters", "2"]);
+    let r = &out["results"][0];
+    assert_eq!(r["tokens_per_batch"], 64);
+    assert!(r["distributed"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    assert!(r["in_process"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
+    let wire = r["wire_ratio"].as_f64().unwrap();
+    assert!((1.0..=1.05).contains(&wire), "wire bytes / minimum = {wire}");
+}
+
+#[test]
+fn fault_bench_kill_worker_loses_nothing_and_replans() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(128), ..Default::default() }, 92);
+    let m = dir.path().display().to_string();
+    let out = bench(&[
+        "--model",
+        &m,
+        "--fault",
+        "kill-worker",
+        "--workers",
+        "3",
+        "--batches",
+        "32",
+        "--steady-s",
+        "1",
+        "--lease-ttl-ms",
+        "1500",
+    ]);
+    println!("{out}");
+    assert_eq!(out["benchmark"], "fault");
+    assert_eq!(out["failed"], 0, "{out}");
+    assert!(out["epochs"]["after"].as_u64() > out["epochs"]["before"].as_u64(), "{out}");
+    assert!(out["interruption_s"].as_f64().is_some(), "an affected request was answered after the fault: {out}");
+    for w in ["before", "during", "after"] {
+        assert!(out[w]["answered"].as_u64().unwrap() > 0, "answers {w} the fault: {out}");
+    }
+}
