@@ -405,14 +405,23 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             };
             if !will_move {
                 warn!(worker = %id, "no other worker can take this worker's experts; leaving without moving them");
-            } else if tokio::time::timeout_at(deadline, drained.cancelled()).await.is_err() {
-                warn!(worker = %id, "drain deadline passed before the experts moved; leaving anyway");
+            } else {
+                tokio::select! {
+                    _ = drained.cancelled() => {}
+                    _ = signals.quit.cancelled() => warn!(worker = %id, "stopped during the drain; leaving now"),
+                    _ = tokio::time::sleep_until(deadline) => {
+                        warn!(worker = %id, "drain deadline passed before the experts moved; leaving anyway");
+                    }
+                }
             }
         }
         Exit::Drained => info!(worker = %id, "drained from outside; leaving"),
     }
     if !matches!(exit, Exit::Quit) && drained.is_cancelled() {
-        tokio::time::sleep(DRAIN_GRACE).await;
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_GRACE) => {}
+            _ = signals.quit.cancelled() => {}
+        }
     }
     // Stop accepting; in-flight streams finish.
     server_stop.cancel();
