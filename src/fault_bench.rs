@@ -164,7 +164,8 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     let epoch_before = before_status.current_epoch;
     let leader = leader_of(&before_status);
 
-    // When the store drops the victim's key (its lease expired): the detection part of recovery.
+    // When the store drops the victim's key (lease revoked after a failed health check, or
+    // expired): the detection part of recovery.
     let detected = Arc::new(Mutex::new(None::<Instant>));
     {
         let store = expertmesh_coordinator::store::open_store(&etcd.url()).await?;
@@ -292,8 +293,8 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         "requests": samples.len(),
         "failed": failed,
         "recovery_s": recovery_s,
-        "lease_expired_after_s": if fault == Fault::KillWorker { detected_s } else { None },
-        "recovery_after_lease_expiry_s": if fault == Fault::KillWorker { detected_s.map(|d| recovery_s - d) } else { None },
+        "worker_removed_after_s": if fault == Fault::KillWorker { detected_s } else { None },
+        "recovery_after_removal_s": if fault == Fault::KillWorker { detected_s.map(|d| recovery_s - d) } else { None },
         "interruption_s": interruption,
         "epochs": {"before": epoch_before, "after": after_status.current_epoch},
         "leader": {"before": leader, "after": after_status.leader},

@@ -1,5 +1,6 @@
-//! A worker dies (SIGKILL) or freezes (SIGSTOP) under steady traffic. Its lease expires, the
-//! coordinator re-plans, survivors load the lost experts, and the rows in flight to it are retried
+//! A worker dies (SIGKILL) or freezes (SIGSTOP) under steady traffic. A dispatcher that cannot
+//! reach it reports it; the leader's own health check fails too and it revokes the lease at once
+//! (a frozen worker's lease also just expires). The coordinator re-plans, survivors load the lost experts, and the rows in flight to it are retried
 //! on the new owner. With a replica of every expert, rows fail over to the replica at once. Every
 //! request gets its correct answer; nothing is lost. A frozen worker that lost its lease registers
 //! again when it thaws and is planned back in, without restarting (through a coordinator, and
@@ -112,6 +113,11 @@ async fn fault_under_traffic(fault: Fault, replicas: &str, etcd: Option<&Etcd>) 
     );
     assert!(rep.failures.is_empty(), "{:#?}\n{}", rep.failures, cluster.dump_logs());
     assert_eq!(rep.sent, rep.correct, "every request answered correctly");
+    if let Fault::Kill = fault {
+        // Detected through the dispatchers' reports and a failed health check, not the TTL.
+        let log = std::fs::read_to_string(&cluster.coordinator.log).unwrap();
+        assert!(log.contains("health check failed); lease revoked"), "{log}");
+    }
     assert!(rep.epochs.contains(&1) && rep.epochs.iter().any(|e| *e >= 2), "epochs {:?}", rep.epochs);
 }
 

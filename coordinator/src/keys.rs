@@ -12,6 +12,8 @@ pub enum Key {
     Load(String),
     /// `drain/{id}`: present while the worker is being drained, under the worker's lease.
     Drain(String),
+    /// `suspect/{id}`: a dispatcher could not reach the worker (value: who reported it).
+    Suspect(String),
     /// `placement/{epoch:020}`: PlacementPlan, written once.
     Plan(u64),
     /// `placement/pending`: the epoch being loaded.
@@ -73,6 +75,10 @@ impl ClusterKeys {
         self.k("drain/")
     }
 
+    pub fn suspect(&self, id: &str) -> String {
+        self.k(&format!("suspect/{id}"))
+    }
+
     pub fn plan(&self, epoch: u64) -> String {
         self.k(&format!("placement/{epoch:020}"))
     }
@@ -110,6 +116,7 @@ impl ClusterKeys {
             ("workers", id) if !id.is_empty() => Some(Key::Worker(id.into())),
             ("load", id) if !id.is_empty() => Some(Key::Load(id.into())),
             ("drain", id) if !id.is_empty() => Some(Key::Drain(id.into())),
+            ("suspect", id) if !id.is_empty() => Some(Key::Suspect(id.into())),
             ("ready", t) => {
                 let (e, id) = t.split_once('/')?;
                 Some(Key::Ready(e.parse().ok()?, id.into()))
@@ -141,6 +148,7 @@ mod tests {
         assert_eq!(k.parse(&k.ready(7, "w-1")), Some(Key::Ready(7, "w-1".into())));
         assert_eq!(k.parse(&k.load("w")), Some(Key::Load("w".into())));
         assert_eq!(k.parse(&k.drain("w")), Some(Key::Drain("w".into())));
+        assert_eq!(k.parse(&k.suspect("w")), Some(Key::Suspect("w".into())));
         assert_eq!(k.parse(&k.plan(12)), Some(Key::Plan(12)));
         assert_eq!(k.parse(&k.pending()), Some(Key::Pending));
         assert_eq!(k.parse(&k.current()), Some(Key::Current));

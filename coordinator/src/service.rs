@@ -20,7 +20,8 @@ use expertmesh_proto::v1::{
     ClusterStatusRequest, ClusterStatusResponse, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
     GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent,
     PlacementPlan, RegisterRequest, RegisterResponse, Replicas, ReportLoadResponse, ReportReadyRequest,
-    ReportReadyResponse, WatchPlacementRequest, WorkerInfo, WorkerStatus,
+    ReportReadyResponse, ReportUnreachableRequest, ReportUnreachableResponse, WatchPlacementRequest, WorkerInfo,
+    WorkerStatus,
 };
 use prost::Message;
 use tokio::sync::{broadcast, Mutex};
@@ -84,6 +85,8 @@ struct State {
     leader: String,
     /// Worker set a placement last failed for (not retried until membership changes).
     failed_for: Option<Vec<WorkerInfo>>,
+    /// Workers a dispatcher could not reach -> who reported it.
+    suspects: BTreeMap<String, String>,
 }
 
 impl State {
@@ -126,6 +129,8 @@ pub struct CoordinatorCore {
     /// Highest epoch any registering worker reported (an embedded store that lost its plans
     /// must not reuse their epochs).
     epoch_floor: AtomicU64,
+    /// Suspects whose health check is in progress.
+    checking: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl CoordinatorCore {
@@ -141,6 +146,7 @@ impl CoordinatorCore {
             policy: Box::new(CapacitySpread),
             is_leader: AtomicBool::new(false),
             epoch_floor: AtomicU64::new(0),
+            checking: std::sync::Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -220,6 +226,12 @@ impl CoordinatorCore {
             }
             (Key::Drain(id), None) => {
                 st.draining.remove(&id);
+            }
+            (Key::Suspect(id), Some(v)) => {
+                st.suspects.insert(id, String::from_utf8_lossy(v).into_owned());
+            }
+            (Key::Suspect(id), None) => {
+                st.suspects.remove(&id);
             }
             (Key::Plan(epoch), Some(v)) => match PlacementPlan::decode(v) {
                 Ok(p) => {
@@ -414,13 +426,20 @@ impl CoordinatorCore {
         Ok(None)
     }
 
-    /// Leader only: re-plan after membership settles, commit a plan once all its workers are
-    /// ready. Runs every `tick`.
-    async fn tick(&self) -> Result<()> {
+    /// Leader only: check workers a dispatcher could not reach, re-plan after membership
+    /// settles, commit a plan once all its workers are ready. Runs every `tick`.
+    async fn tick(self: &Arc<Self>) -> Result<()> {
         if !self.is_leader() {
             return Ok(());
         }
         let mut st = self.state.lock().await;
+        for (id, reporter) in &st.suspects {
+            let fresh = self.checking.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
+            if fresh {
+                let address = st.members.get(id).map(|m| m.info.address.clone());
+                tokio::spawn(self.clone().check_suspect(id.clone(), reporter.clone(), address));
+            }
+        }
         let settled = st.changed_at.is_some_and(|t| t.elapsed() >= SETTLE);
         if settled && !st.plan_is_current() {
             let desired = st.desired();
@@ -447,6 +466,39 @@ impl CoordinatorCore {
             }
         }
         Ok(())
+    }
+
+    /// A dispatcher could not reach `id`: ask the worker's health service ourselves; if it does
+    /// not answer SERVING within a second, revoke its lease now (its keys go, the leader
+    /// re-plans) instead of waiting up to a TTL for it to expire. A live worker that was wrongly
+    /// removed finds its lease gone and registers again.
+    async fn check_suspect(self: Arc<Self>, id: String, reporter: String, address: Option<String>) {
+        let alive = match &address {
+            Some(a) => health_check(a, Duration::from_secs(1)).await,
+            None => true, // not a member (already gone): nothing to do
+        };
+        if !alive {
+            match self.store.get(&self.keys.worker(&id)).await {
+                Ok(Some(kv)) if kv.lease != 0 => match self.store.revoke(kv.lease).await {
+                    Ok(()) => {
+                        warn!(worker = %id, reporter = %reporter, "worker unreachable (reported, and its health check failed); lease revoked")
+                    }
+                    Err(e) => warn!(worker = %id, error = %e, "cannot revoke the lease of an unreachable worker"),
+                },
+                Ok(_) => {}
+                Err(e) => warn!(worker = %id, error = %e, "cannot read the worker's lease"),
+            }
+        } else if address.is_some() {
+            info!(worker = %id, reporter = %reporter, "worker reported unreachable but answers its health check; keeping it");
+        }
+        let _ = self.store.delete(&self.keys.suspect(&id)).await;
+        {
+            let mut st = self.state.lock().await;
+            self.apply(&mut st, &self.keys.suspect(&id), None);
+        }
+        if let Ok(mut c) = self.checking.lock() {
+            c.remove(&id);
+        }
     }
 
     /// Delete ready markers of epochs before `committed` and plans older than PLANS_KEPT.
@@ -524,6 +576,21 @@ impl CoordinatorCore {
         self.apply(st, &self.keys.pending(), Some(epoch.to_string().as_bytes()));
         Ok(())
     }
+}
+
+/// Whether the gRPC health service at `address` answers SERVING within `limit`.
+async fn health_check(address: &str, limit: Duration) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let url = format!("http://{address}");
+    let check = async {
+        let channel = tonic::transport::Endpoint::from_shared(url).ok()?.connect().await.ok()?;
+        let mut c = HealthClient::new(channel);
+        let r = c.check(HealthCheckRequest { service: String::new() }).await.ok()?;
+        Some(r.into_inner().status == ServingStatus::Serving as i32)
+    };
+    matches!(tokio::time::timeout(limit, check).await, Ok(Some(true)))
 }
 
 /// The gRPC face of [`CoordinatorCore`].
@@ -704,6 +771,21 @@ impl Coordinator for CoordinatorService {
             warn!(worker = %r.worker_id, "drain requested, but no other worker can take its experts");
         }
         Ok(Response::new(DrainResponse { will_move: others > 0 }))
+    }
+
+    async fn report_unreachable(
+        &self,
+        req: Request<ReportUnreachableRequest>,
+    ) -> Result<Response<ReportUnreachableResponse>, Status> {
+        let r = req.into_inner();
+        let c = &self.core;
+        let key = c.keys.suspect(&r.worker_id);
+        if c.state.lock().await.members.contains_key(&r.worker_id) {
+            c.store.put(&key, r.reporter.clone().into_bytes(), None).await.map_err(Status::from)?;
+            let mut st = c.state.lock().await;
+            c.apply(&mut st, &key, Some(r.reporter.as_bytes()));
+        }
+        Ok(Response::new(ReportUnreachableResponse {}))
     }
 
     async fn cluster_status(

@@ -12,7 +12,7 @@ use expertmesh_coordinator::store::{open_store, MetadataStore};
 use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
 use expertmesh_proto::v1::{
     DeregisterRequest, DrainRequest, HeartbeatRequest, LoadReport, PlacementEvent, PlacementPlan, RegisterRequest,
-    ReportReadyRequest, WatchPlacementRequest, WorkerInfo,
+    ReportReadyRequest, ReportUnreachableRequest, WatchPlacementRequest, WorkerInfo,
 };
 use prost::Message;
 use tokio::sync::mpsc;
@@ -54,6 +54,8 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     async fn request_drain(&self, worker: &str, lease: u64) -> Result<bool>;
     /// Leave now: revoke the lease (its keys go with it).
     async fn deregister(&self, worker: &str, lease: u64) -> Result<()>;
+    /// `reporter` could not reach `worker`; the leader checks it and removes it if it is dead.
+    async fn report_unreachable(&self, worker: &str, reporter: &str) -> Result<()>;
     /// Placement events: first the committed plan and any proposal in progress, then every
     /// change. The channel closes when the feed breaks; call again (duplicates are harmless).
     async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>>;
@@ -155,6 +157,12 @@ impl ControlPlane for GrpcControl {
 
     async fn deregister(&self, worker: &str, lease: u64) -> Result<()> {
         self.client.clone().deregister(DeregisterRequest { worker_id: worker.into(), lease_id: lease }).await?;
+        Ok(())
+    }
+
+    async fn report_unreachable(&self, worker: &str, reporter: &str) -> Result<()> {
+        let req = ReportUnreachableRequest { worker_id: worker.into(), reporter: reporter.into() };
+        self.client.clone().report_unreachable(req).await?;
         Ok(())
     }
 
@@ -265,6 +273,11 @@ impl ControlPlane for StoreControl {
 
     async fn deregister(&self, _worker: &str, lease: u64) -> Result<()> {
         self.store.revoke(lease as i64).await.map_err(store_err)
+    }
+
+    async fn report_unreachable(&self, worker: &str, reporter: &str) -> Result<()> {
+        self.store.put(&self.keys.suspect(worker), reporter.as_bytes().to_vec(), None).await.map_err(store_err)?;
+        Ok(())
     }
 
     async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>> {

@@ -137,9 +137,17 @@ pub struct Dispatcher {
     cfg: DispatcherConfig,
     stats: WireStats,
     next_id: AtomicU64,
+    /// Where to send the ids of workers this dispatcher could not reach.
+    unreachable: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 impl Dispatcher {
+    /// Send the id of every worker a request could not reach (not one that refused an expert
+    /// it no longer holds) to `tx`, for the control plane to check.
+    pub fn report_unreachable_to(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.unreachable.set(tx);
+    }
+
     pub fn new(front: Frontend, table: RouteTableRx, cfg: DispatcherConfig) -> Self {
         Self {
             front,
@@ -148,6 +156,7 @@ impl Dispatcher {
             cfg,
             stats: WireStats::default(),
             next_id: AtomicU64::new(1),
+            unreachable: std::sync::OnceLock::new(),
         }
     }
 
@@ -277,6 +286,11 @@ impl Dispatcher {
                     warn!(request = rid, epoch = table.epoch, attempt, error = %err, "destination failed; will retry its rows on another replica or a newer placement");
                     if let Some(i) = table.workers.get(w as usize) {
                         bad.insert(i.address.clone());
+                        if !matches!(err, WorkerError::NotHeld { .. }) {
+                            if let Some(tx) = self.unreachable.get() {
+                                let _ = tx.send(i.worker_id.clone());
+                            }
+                        }
                     }
                     todo.extend(rest);
                     last_err = Some(err);

@@ -114,6 +114,27 @@ pub async fn follow_placement<F, Fut>(
     }
 }
 
+/// Forward the dispatcher's unreachable workers to the control plane, each at most once per
+/// second.
+fn spawn_unreachable_reporter(
+    control: Arc<dyn ControlPlane>,
+    reporter: String,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last: std::collections::HashMap<String, std::time::Instant> = Default::default();
+        while let Some(id) = rx.recv().await {
+            if last.get(&id).is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                continue;
+            }
+            last.insert(id.clone(), std::time::Instant::now());
+            if let Err(e) = control.report_unreachable(&id, &reporter).await {
+                warn!(worker = %id, error = %e, "cannot report an unreachable worker");
+            }
+        }
+    })
+}
+
 /// Register, retrying until `deadline` (a store-mode worker may start before any coordinator
 /// has published the model).
 async fn register_with_retry(
@@ -246,6 +267,9 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     let (table_tx, table_rx) = route_table_channel();
     let dispatcher =
         Arc::new(Dispatcher::new(Frontend::new(ck.clone(), backend.clone()), table_rx, cfg.dispatcher.clone()));
+    let (utx, urx) = tokio::sync::mpsc::unbounded_channel();
+    dispatcher.report_unreachable_to(utx);
+    let reporter = spawn_unreachable_reporter(control.clone(), cfg.worker_id.clone(), urx);
 
     let server_stop = CancellationToken::new();
     let (health_reporter, health) = tonic_health::server::health_reporter();
@@ -441,6 +465,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     }
     reports.abort();
     follower.abort();
+    reporter.abort();
     info!(worker = %id, "worker stopped");
     Ok(())
 }
@@ -456,6 +481,10 @@ pub async fn connect_dispatcher(
     let backend = backend_for_device(device)?;
     let control = connect_control(target, Duration::from_secs(30)).await?;
     let (tx, rx) = route_table_channel();
-    tokio::spawn(follow_placement(control, tx, shutdown, |_, _| async {}));
-    Ok(Arc::new(Dispatcher::new(Frontend::new(ck, backend), rx, cfg)))
+    tokio::spawn(follow_placement(control.clone(), tx, shutdown, |_, _| async {}));
+    let d = Arc::new(Dispatcher::new(Frontend::new(ck, backend), rx, cfg));
+    let (utx, urx) = tokio::sync::mpsc::unbounded_channel();
+    d.report_unreachable_to(utx);
+    spawn_unreachable_reporter(control, format!("dispatcher-{}", std::process::id()), urx);
+    Ok(d)
 }
