@@ -141,3 +141,62 @@ async fn frozen_worker_registered_in_etcd_loses_its_lease_and_comes_back() {
     let etcd = Etcd::start();
     fault_under_traffic(Fault::Freeze, "1", Some(&etcd)).await;
 }
+
+/// When no owner can come back within the request's deadline (the survivor has no room for the
+/// lost experts), requests fail UNAVAILABLE naming the layer and the missing experts, never a
+/// wrong answer; once a worker with room joins, the same requests are answered correctly again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_room_for_lost_experts_gives_a_clear_error_until_capacity_returns() {
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(96), ..Default::default() }, 73);
+    let total = (spec.moe_layers().len() * spec.n_routed) as f64 * (spec.expert_params() * 4) as f64;
+    // Room for 60% of the experts: two workers hold them all, one alone cannot.
+    let gib = format!("{}", 0.6 * total / (1u64 << 30) as f64);
+    let wargs = ["--memory-gib", gib.as_str(), "--placement-wait-ms", "1500"];
+    let mut cluster = Cluster::coordinator_only(dir.path(), 2, &["--lease-ttl-ms", "2000"]);
+    cluster.add_worker("w0", &wargs);
+    cluster.add_worker("w1", &wargs);
+    let cases = traffic_cases(dir.path(), &spec, 32, 2);
+    let t = Instant::now();
+    while status_json(&cluster.coordinator.addr)["current_epoch"] != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "no first placement\n{}", cluster.dump_logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = cluster.workers[1].child.kill();
+    let mut c = cluster.moe_client(0).await;
+    let forward = |c: &mut expertmesh_proto::v1::moe_layer_client::MoeLayerClient<_>, case: &Case| {
+        use expertmesh_proto::v1::ForwardRequest;
+        use expertmesh_worker::wire::{f32_tensor, i64_tensor};
+        let (layer, x, ids, _) = case;
+        let req = ForwardRequest {
+            layer: *layer as u32,
+            hidden_states: Some(f32_tensor(&[ids.len(), spec.hidden], x)),
+            input_ids: Some(i64_tensor(&[ids.len()], ids)),
+            wire_dtype: 0,
+        };
+        let mut c = c.clone();
+        async move { c.forward(req).await }
+    };
+    let err = forward(&mut c, &cases[0]).await.expect_err("the survivor cannot hold every expert");
+    println!("with w1 dead and no room on w0: {err}");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(
+        err.message().contains(&format!("layer {} experts [", cases[0].0))
+            && err.message().contains("could not be computed"),
+        "names the layer and the experts: {}",
+        err.message()
+    );
+    let log = std::fs::read_to_string(&cluster.coordinator.log).unwrap();
+    assert!(log.contains("cannot place experts"), "the leader says why it cannot re-plan:\n{log}");
+    // Capacity returns: requests are answered, and answered correctly.
+    cluster.add_worker("w2", &wargs);
+    let t = Instant::now();
+    while status_json(&cluster.coordinator.addr)["current_epoch"].as_u64() < Some(2) {
+        assert!(t.elapsed() < Duration::from_secs(30), "no re-plan with w2\n{}", cluster.dump_logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for case in &cases {
+        let r = forward(&mut c, case).await.expect("answered once capacity returns").into_inner();
+        let (out, _) = expertmesh_worker::wire::tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
+        assert!(rel_l2_f32(&out, &case.3) < 1e-2);
+    }
+}

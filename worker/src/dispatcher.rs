@@ -233,7 +233,13 @@ impl Dispatcher {
         // for a placement that no longer names them.
         let mut bad: HashSet<String> = HashSet::new();
         for attempt in 0..=self.cfg.retries {
-            let table = self.route_table(after).await.map_err(|e| missing(&todo, inp.layer, &e.to_string()))?;
+            let table = self.route_table(after).await.map_err(|e| {
+                let why = match e {
+                    WorkerError::Unavailable(m) => m,
+                    other => other.to_string(),
+                };
+                missing(&todo, inp.layer, &why)
+            })?;
             epoch = table.epoch;
             let placed = table.layers.get(&(inp.layer as u32)).ok_or_else(|| {
                 WorkerError::Unavailable(format!("placement epoch {} does not place layer {}", table.epoch, inp.layer))
