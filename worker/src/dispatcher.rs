@@ -232,6 +232,8 @@ impl Dispatcher {
         // Workers that failed this request: their rows go to another replica at once, or wait
         // for a placement that no longer names them.
         let mut bad: HashSet<String> = HashSet::new();
+        // A worker answered "not held": this placement is behind the workers'.
+        let mut stale = false;
         for attempt in 0..=self.cfg.retries {
             let table = self.route_table(after).await.map_err(|e| {
                 let why = match e {
@@ -240,6 +242,12 @@ impl Dispatcher {
                 };
                 missing(&todo, inp.layer, &why)
             })?;
+            if table.epoch != epoch {
+                // A newer plan was made after the failures were reported (and the leader checked
+                // them): a worker it still names gets another chance.
+                bad.clear();
+                stale = false;
+            }
             epoch = table.epoch;
             let placed = table.layers.get(&(inp.layer as u32)).ok_or_else(|| {
                 WorkerError::Unavailable(format!("placement epoch {} does not place layer {}", table.epoch, inp.layer))
@@ -290,12 +298,13 @@ impl Dispatcher {
                         return Err(err);
                     }
                     warn!(request = rid, epoch = table.epoch, attempt, error = %err, "destination failed; will retry its rows on another replica or a newer placement");
-                    if let Some(i) = table.workers.get(w as usize) {
+                    if let WorkerError::NotHeld { .. } = err {
+                        // Alive, but the placement moved on: wait for the epoch that names the new owner.
+                        stale = true;
+                    } else if let Some(i) = table.workers.get(w as usize) {
                         bad.insert(i.address.clone());
-                        if !matches!(err, WorkerError::NotHeld { .. }) {
-                            if let Some(tx) = self.unreachable.get() {
-                                let _ = tx.send(i.worker_id.clone());
-                            }
+                        if let Some(tx) = self.unreachable.get() {
+                            let _ = tx.send(i.worker_id.clone());
                         }
                     }
                     todo.extend(rest);
@@ -317,7 +326,7 @@ impl Dispatcher {
                     r.iter().any(|w| table.workers.get(*w as usize).is_some_and(|i| !bad.contains(&i.address)))
                 })
             });
-            after = if all_live && !waiting { None } else { Some(table.epoch) };
+            after = if all_live && !waiting && !stale { None } else { Some(table.epoch) };
         }
         let shared = shared.await.map_err(|e| WorkerError::Internal(format!("shared expert task: {e}")))??;
         let output = combine(h, &routing, &y, shared.as_deref());
