@@ -23,29 +23,6 @@ fn free_addr() -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// `status --json` of whichever coordinator answers, or None when it does not.
-fn try_status(addr: &str) -> Option<serde_json::Value> {
-    let o = std::process::Command::new(common::cluster::BIN)
-        .args(["status", "--json", "--coordinator", addr])
-        .output()
-        .ok()?;
-    o.status.success().then(|| serde_json::from_slice(&o.stdout).ok()).flatten()
-}
-
-/// Poll until `pred` holds for `addr`'s status; panics with `what` after `limit`.
-fn wait_for(addr: &str, limit: Duration, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let t = Instant::now();
-    loop {
-        if let Some(s) = try_status(addr) {
-            if pred(&s) {
-                return s;
-            }
-        }
-        assert!(t.elapsed() < limit, "{what} not reached within {limit:?}; last status {:?}", try_status(addr));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     let etcd = Etcd::start();
@@ -62,8 +39,8 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     for id in ["w0", "w1", "w2"] {
         cluster.add_store_worker(id, &store, &["--lease-ttl-ms", &ttl]);
     }
-    let s0 = wait_for(&addrs[0], Duration::from_secs(30), "epoch 1", |s| s["current_epoch"] == 1);
-    let s1 = wait_for(&addrs[1], Duration::from_secs(10), "epoch 1 on the standby", |s| s["current_epoch"] == 1);
+    let s0 = wait_status(&addrs[0], Duration::from_secs(30), "epoch 1", |s| s["current_epoch"] == 1);
+    let s1 = wait_status(&addrs[1], Duration::from_secs(10), "epoch 1 on the standby", |s| s["current_epoch"] == 1);
     let leader = s0["leader"].as_str().unwrap().to_string();
     assert_eq!(s1["leader"], s0["leader"], "both coordinators see the same leader");
     assert_eq!(s0["is_leader"].as_bool().unwrap() as u8 + s1["is_leader"].as_bool().unwrap() as u8, 1, "{s0}\n{s1}");
@@ -83,7 +60,7 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
         signal(coords[1].as_ref().unwrap(), "-KILL");
     }
     let killed = Instant::now();
-    let s = wait_for(&addrs[si], Duration::from_secs(30), "standby leading", |s| s["is_leader"] == true);
+    let s = wait_status(&addrs[si], Duration::from_secs(30), "standby leading", |s| s["is_leader"] == true);
     let takeover = killed.elapsed();
     println!(
         "standby led {:.2} s after the leader was killed (TTL {:.1} s)",
@@ -98,7 +75,7 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     // The new leader plans: a worker dies, the survivors take its experts (epoch 2).
     let w2 = cluster.worker_index("w2");
     signal(&cluster.workers[w2], "-KILL");
-    let s = wait_for(&addrs[si], Duration::from_secs(30), "re-plan without w2", |s| {
+    let s = wait_status(&addrs[si], Duration::from_secs(30), "re-plan without w2", |s| {
         s["current_epoch"] == 2 && s["workers"].as_array().unwrap().len() == 2
     });
     println!("after w2 died: {s}");
@@ -114,7 +91,7 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     let restarted = Instant::now();
     cluster.coordinator = spawn_coordinator(dir.path(), &full(0), &log("coord-a2.log"));
     coords[1] = Some(spawn_coordinator(dir.path(), &full(1), &log("coord-b2.log")));
-    let s = wait_for(&addrs[0], Duration::from_secs(30), "a leader after the restart", |s| {
+    let s = wait_status(&addrs[0], Duration::from_secs(30), "a leader after the restart", |s| {
         !s["leader"].as_str().unwrap_or("").is_empty()
     });
     assert_eq!(s["current_epoch"], 2, "state read back from etcd: {s}");
@@ -128,15 +105,8 @@ async fn standby_takes_over_and_workers_outlive_both_coordinators() {
     stop.store(true, Ordering::Relaxed);
     let rep = traffic.await.unwrap();
     let served_while_down = rep.log.iter().filter(|(t, _, _)| *t >= both_down && *t < restarted).count();
-    println!(
-        "requests sent {}, answered correctly {}, failed {}, lost 0, epochs {:?}; {served_while_down} answered while both coordinators were down",
-        rep.sent,
-        rep.correct,
-        rep.failures.len(),
-        rep.epochs
-    );
-    assert!(rep.failures.is_empty(), "{:#?}\n{}", rep.failures, cluster.dump_logs());
-    assert_eq!(rep.sent, rep.correct);
+    println!("{}; {served_while_down} answered while both coordinators were down", rep.summary());
+    rep.assert_all_correct(|| cluster.dump_logs());
     assert_eq!(rep.epochs, vec![1, 2]);
     assert!(served_while_down > 0, "the data plane served while both coordinators were down");
     drop(coords);

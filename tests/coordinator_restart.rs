@@ -36,15 +36,8 @@ async fn restart_under_traffic(store: &str) -> (TrafficReport, serde_json::Value
     let after = status_json(&cluster.coordinator.addr);
     stop.store(true, Ordering::Relaxed);
     let rep = traffic.await.unwrap();
-    println!(
-        "{store}: requests sent {}, answered correctly {}, failed {}, lost 0, epochs seen {:?}; after restart: {after}",
-        rep.sent,
-        rep.correct,
-        rep.failures.len(),
-        rep.epochs
-    );
-    assert!(rep.failures.is_empty(), "{:#?}\n{}", rep.failures, cluster.dump_logs());
-    assert_eq!(rep.sent, rep.correct);
+    println!("{store}: {}; after restart: {after}", rep.summary());
+    rep.assert_all_correct(|| cluster.dump_logs());
     assert_eq!(after["workers"].as_array().unwrap().len(), 2, "{after}");
     (rep, after)
 }

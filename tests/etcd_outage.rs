@@ -48,14 +48,8 @@ async fn etcd_outage_keeps_serving_and_reconciles() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::Relaxed);
     let rep = traffic.await.unwrap();
-    println!(
-        "requests sent {}, answered correctly {}, failed {}, lost 0, epochs {:?}; after: {after}",
-        rep.sent,
-        rep.correct,
-        rep.failures.len(),
-        rep.epochs
-    );
-    assert!(rep.failures.is_empty(), "{:#?}\n{}", rep.failures, cluster.dump_logs());
+    println!("{}; after: {after}", rep.summary());
+    rep.assert_all_correct(|| cluster.dump_logs());
     assert_eq!(rep.epochs, vec![1, 2], "served on the last placement throughout, then the next one");
     let served_down =
         rep.log.iter().filter(|(t, _, _)| *t > outage && t.duration_since(outage) < Duration::from_secs(30)).count();

@@ -111,8 +111,7 @@ async fn fault_under_traffic(fault: Fault, replicas: &str, etcd: Option<&Etcd>) 
         during,
         rep.epochs
     );
-    assert!(rep.failures.is_empty(), "{:#?}\n{}", rep.failures, cluster.dump_logs());
-    assert_eq!(rep.sent, rep.correct, "every request answered correctly");
+    rep.assert_all_correct(|| cluster.dump_logs());
     if let Fault::Kill = fault {
         // Detected through the dispatchers' reports and a failed health check, not the TTL.
         let log = std::fs::read_to_string(&cluster.coordinator.log).unwrap();

@@ -74,6 +74,23 @@ pub struct TrafficReport {
 }
 
 impl TrafficReport {
+    /// "requests sent N, answered correctly N, failed N, lost 0, epochs [..]" for the printed figures.
+    pub fn summary(&self) -> String {
+        format!(
+            "requests sent {}, answered correctly {}, failed {}, lost 0, epochs {:?}",
+            self.sent,
+            self.correct,
+            self.failures.len(),
+            self.epochs
+        )
+    }
+
+    /// Every request answered, and answered correctly; `logs` explains a failure.
+    pub fn assert_all_correct(&self, logs: impl FnOnce() -> String) {
+        assert!(self.failures.is_empty(), "{:#?}\n{}", self.failures, logs());
+        assert_eq!(self.sent, self.correct, "every request answered correctly");
+    }
+
     /// p99 latency of correct answers finished in [from, to).
     pub fn p99_between(&self, from: std::time::Instant, to: std::time::Instant) -> Option<std::time::Duration> {
         let mut v: Vec<_> = self.log.iter().filter(|(t, _, _)| *t >= from && *t < to).map(|(_, l, _)| *l).collect();
@@ -156,4 +173,29 @@ pub fn status_json(coordinator: &str) -> serde_json::Value {
         .unwrap();
     assert!(o.status.success(), "status: {}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `status --json` of whichever coordinator answers, or None when it does not.
+pub fn try_status(addr: &str) -> Option<serde_json::Value> {
+    let o = std::process::Command::new(cluster::BIN).args(["status", "--json", "--coordinator", addr]).output().ok()?;
+    o.status.success().then(|| serde_json::from_slice(&o.stdout).ok()).flatten()
+}
+
+/// Poll until `pred` holds for `addr`'s status; panics with `what` after `limit`.
+pub fn wait_status(
+    addr: &str,
+    limit: std::time::Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(s) = try_status(addr) {
+            if pred(&s) {
+                return s;
+            }
+        }
+        assert!(t.elapsed() < limit, "{what} not reached within {limit:?}; last status {:?}", try_status(addr));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
