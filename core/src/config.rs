@@ -499,6 +499,9 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
         }
     };
     let obj = cfg.as_object_mut().expect("preset is an object");
+    for (k, v) in attention_fields(name) {
+        obj.insert(k.to_string(), v);
+    }
     let family = obj["model_type"].as_str().unwrap_or_default().to_string();
     let set = |obj: &mut serde_json::Map<String, Value>, key: &str, val: Option<usize>| {
         if let Some(x) = val {
@@ -555,6 +558,80 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
     }
     ModelSpec::from_config_json(&cfg.to_string())?;
     Ok(cfg)
+}
+
+/// The attention and whole-model fields of a preset's upstream config.json (the planner reads
+/// them; MoE serving does not). Values from the published config.json files (see
+/// ../shared/REFERENCE.md and docs/planner.md).
+fn attention_fields(name: &str) -> Vec<(&'static str, Value)> {
+    let mla = |heads: usize, q: usize, kv: usize, nope: usize, rope: usize, v: usize, ctx: usize| {
+        vec![
+            ("num_attention_heads", json!(heads)),
+            ("num_key_value_heads", json!(heads)),
+            ("q_lora_rank", json!(q)),
+            ("kv_lora_rank", json!(kv)),
+            ("qk_nope_head_dim", json!(nope)),
+            ("qk_rope_head_dim", json!(rope)),
+            ("v_head_dim", json!(v)),
+            ("max_position_embeddings", json!(ctx)),
+            ("num_nextn_predict_layers", json!(1)),
+            ("tie_word_embeddings", json!(false)),
+        ]
+    };
+    // V4: [window-only or HCA] x2, then CSA (ratio 4) and HCA (ratio 128) alternating.
+    let v4 = |layers: usize, first: usize, heads: usize, q: usize, groups: usize, topk: usize, tiny: bool| {
+        let ratios: Vec<usize> = (0..layers)
+            .map(|l| {
+                if l < 2 {
+                    first
+                } else if (l - 2) % 2 == 0 {
+                    4
+                } else {
+                    128
+                }
+            })
+            .collect();
+        let (hd, rope, o_rank, ih, ihd, window) =
+            if tiny { (16, 8, 16, 4, 8, 8) } else { (512, 64, 1024, 64, 128, 128) };
+        vec![
+            ("num_attention_heads", json!(heads)),
+            ("num_key_value_heads", json!(1)),
+            ("head_dim", json!(hd)),
+            ("qk_rope_head_dim", json!(rope)),
+            ("q_lora_rank", json!(q)),
+            ("o_lora_rank", json!(o_rank)),
+            ("o_groups", json!(groups)),
+            ("index_n_heads", json!(ih)),
+            ("index_head_dim", json!(ihd)),
+            ("index_topk", json!(topk)),
+            ("sliding_window", json!(window)),
+            ("compress_ratios", json!(ratios)),
+            ("hc_mult", json!(4)),
+            ("max_position_embeddings", json!(1_048_576)),
+            ("num_nextn_predict_layers", json!(1)),
+            ("tie_word_embeddings", json!(false)),
+        ]
+    };
+    let gqa = |heads: usize, kv: usize, hd: usize, ctx: usize| {
+        vec![
+            ("num_attention_heads", json!(heads)),
+            ("num_key_value_heads", json!(kv)),
+            ("head_dim", json!(hd)),
+            ("max_position_embeddings", json!(ctx)),
+            ("tie_word_embeddings", json!(false)),
+        ]
+    };
+    match name {
+        "tiny" | "tiny-v3" => mla(4, 32, 16, 16, 8, 16, 4096),
+        "tiny-v4" => v4(5, 0, 4, 32, 2, 16, true),
+        "tiny-mixtral" | "tiny-qwen3" => gqa(4, 2, 16, 4096),
+        "deepseek-v3" => mla(128, 1536, 512, 128, 64, 128, 163_840),
+        "deepseek-v4-flash" => v4(43, 0, 64, 1024, 8, 512, false),
+        "deepseek-v4-pro" => v4(61, 128, 128, 1536, 16, 1024, false),
+        "mixtral-8x7b" => gqa(32, 8, 128, 32_768),
+        "qwen3-30b-a3b" => gqa(32, 4, 128, 40_960),
+        _ => vec![],
+    }
 }
 
 #[cfg(test)]
