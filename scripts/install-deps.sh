@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Install the system packages ExpertMesh's build and tests need, if missing. Safe to run twice.
 #   protoc (protobuf-compiler): compiles proto/ (and etcd-client's protos)
+#   google/protobuf/*.proto (libprotobuf-dev): the well-known types etcd-client's protos import
+#     (only a Recommends of protobuf-compiler, so --no-install-recommends leaves it out)
 #   etcd   (etcd-server):       the real metadata store the etcd tests start on loopback
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

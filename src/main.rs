@@ -4,6 +4,7 @@ mod commands;
 mod env;
 mod fault_bench;
 mod local;
+mod plan;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +46,9 @@ enum Cmd {
     Status(StatusArgs),
     /// Move a worker's experts to the others, then let it leave (as SIGTERM on the worker does).
     Drain(DrainArgs),
+    /// Size a cluster for a model and a workload: memory per device, placement, traffic,
+    /// roofline step time and tokens/s; or search for the smallest inventory (docs/planner.md).
+    Plan(plan::PlanArgs),
 }
 
 #[derive(Debug, Args)]
@@ -323,6 +327,7 @@ fn main() -> Result<()> {
             Cmd::Bench(a) => commands::bench(a).await,
             Cmd::Status(a) => commands::status(a).await,
             Cmd::Drain(a) => commands::drain(a).await,
+            Cmd::Plan(a) => plan::plan(a).await,
         }
     })
 }

@@ -17,7 +17,7 @@ use expertmesh_core::placement::{CapacitySpread, PlacementPolicy, PlacementReque
 use expertmesh_core::ModelSpec;
 use expertmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use expertmesh_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
+    ClusterStatusRequest, ClusterStatusResponse, ExpertLoad, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
     GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent,
     PlacementPlan, RegisterRequest, RegisterResponse, Replicas, ReportLoadResponse, ReportReadyRequest,
     ReportReadyResponse, ReportUnreachableRequest, ReportUnreachableResponse, WatchPlacementRequest, WorkerInfo,
@@ -821,6 +821,16 @@ impl Coordinator for CoordinatorService {
             leader: st.leader.clone(),
             is_leader: c.is_leader(),
             coordinator: c.cfg.advertise.clone(),
+            model_config_json: c.cfg.model_config_json.clone(),
+            expert_loads: {
+                let mut sum: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+                for m in st.members.values() {
+                    for (k, t) in &m.load {
+                        *sum.entry(*k).or_default() += t;
+                    }
+                }
+                sum.into_iter().map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens }).collect()
+            },
         }))
     }
 }
