@@ -155,8 +155,14 @@ async fn from_cluster(
                 spec.tflops = [(Precision::Bf16, d.tflops)].into_iter().collect();
             }
             spec.devices_per_node = 1;
-            spec.source = format!("worker {} as registered (memory, TFLOP/s); links from catalog `{}`", info.worker_id, base.name);
-            by_node.entry(if info.node.is_empty() { info.worker_id.clone() } else { info.node.clone() }).or_default().push(spec);
+            spec.source = format!(
+                "worker {} as registered (memory, TFLOP/s); links from catalog `{}`",
+                info.worker_id, base.name
+            );
+            by_node
+                .entry(if info.node.is_empty() { info.worker_id.clone() } else { info.node.clone() })
+                .or_default()
+                .push(spec);
         }
     }
     if by_node.is_empty() {
@@ -252,7 +258,9 @@ pub(crate) async fn plan(args: PlanArgs) -> Result<()> {
     if args.context > arch.max_context {
         notes.push(format!("context {} exceeds the model's {} positions", args.context, arch.max_context));
     }
-    for (name, v) in [("--compute-eff", args.compute_eff), ("--memory-eff", args.memory_eff), ("--network-eff", args.network_eff)] {
+    for (name, v) in
+        [("--compute-eff", args.compute_eff), ("--memory-eff", args.memory_eff), ("--network-eff", args.network_eff)]
+    {
         if !(v > 0.0 && v <= 1.0) {
             bail!("{name} {v}: expected a fraction in (0, 1]");
         }

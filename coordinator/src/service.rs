@@ -17,8 +17,8 @@ use expertmesh_core::placement::{CapacitySpread, PlacementPolicy, PlacementReque
 use expertmesh_core::ModelSpec;
 use expertmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use expertmesh_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, ExpertLoad, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
-    GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent,
+    ClusterStatusRequest, ClusterStatusResponse, DeregisterRequest, DeregisterResponse, DrainRequest, DrainResponse,
+    ExpertLoad, GetPlacementRequest, HeartbeatRequest, HeartbeatResponse, LayerPlacement, LoadReport, PlacementEvent,
     PlacementPlan, RegisterRequest, RegisterResponse, Replicas, ReportLoadResponse, ReportReadyRequest,
     ReportReadyResponse, ReportUnreachableRequest, ReportUnreachableResponse, WatchPlacementRequest, WorkerInfo,
     WorkerStatus,

@@ -22,25 +22,31 @@ fn mb(x: f64) -> String {
     format!("{:.2}", x / 1e6)
 }
 
-/// Consecutive layers with the same kind and times, as (first, last, layer).
-fn layer_groups(e: &Estimate) -> Vec<(usize, usize, usize)> {
-    let mut out: Vec<(usize, usize, usize)> = Vec::new();
+/// Layers with the same kind, times and traffic, as (representative layer, all of them).
+fn layer_groups(e: &Estimate) -> Vec<(usize, Vec<usize>)> {
+    let same = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.abs().max(b.abs()).max(1e-12);
+    let mut out: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, l) in e.layers.iter().enumerate() {
-        if let Some(last) = out.last_mut() {
-            let p = &e.layers[last.2];
-            let same = |a: f64, b: f64| (a - b).abs() <= 1e-3 * a.abs().max(b.abs()).max(1e-12);
-            if p.kind == l.kind
-                && same(p.attention_s, l.attention_s)
-                && same(p.experts_s, l.experts_s)
-                && p.comm == l.comm
-            {
-                last.1 = i;
-                continue;
-            }
+        let found = out.iter_mut().find(|(r, _)| {
+            let p = &e.layers[*r];
+            p.kind == l.kind && same(p.attention_s, l.attention_s) && same(p.experts_s, l.experts_s) && p.comm == l.comm
+        });
+        match found {
+            Some((_, members)) => members.push(i),
+            None => out.push((i, vec![i])),
         }
-        out.push((i, i, i));
     }
     out
+}
+
+/// "0..=1, 3, 5, 7, ..." cut to `max` characters.
+fn short_ranges(xs: &[usize], max: usize) -> String {
+    let s = expertmesh_core::config::describe_ranges(xs);
+    if s.len() <= max {
+        return s;
+    }
+    let cut = s[..max.saturating_sub(4)].rfind(',').unwrap_or(0);
+    format!("{}, ..", &s[..cut])
 }
 
 /// The readable plan.
@@ -106,16 +112,15 @@ pub fn text(e: &Estimate) -> String {
     let _ = writeln!(o, "\nPer layer (slowest device), ms; traffic per device, MB inside / between nodes");
     let _ = writeln!(
         o,
-        "  {:<10} {:<14} {:>9} {:>9} {:>18} {:>9} {:>18} {:>9} {:>9}",
+        "  {:<22} {:<14} {:>9} {:>9} {:>18} {:>9} {:>18} {:>9} {:>9}",
         "layers", "kind", "attn", "experts", "dispatch MB", "disp", "combine MB", "comb", "overlap"
     );
-    for (a, b, i) in layer_groups(e) {
+    for (i, members) in layer_groups(e) {
         let l = &e.layers[i];
-        let range = if a == b { a.to_string() } else { format!("{a}..={b}") };
         let _ = writeln!(
             o,
-            "  {:<10} {:<14} {:>9} {:>9} {:>18} {:>9} {:>18} {:>9} {:>9}",
-            range,
+            "  {:<22} {:<14} {:>9} {:>9} {:>18} {:>9} {:>18} {:>9} {:>9}",
+            format!("{} x [{}]", members.len(), short_ranges(&members, 14)),
             l.kind,
             ms(l.attention_s),
             ms(l.experts_s),
@@ -204,8 +209,9 @@ fn stacked_bars(title: &str, unit: &str, rows: &[(String, Vec<(&str, f64)>, Opti
         .map(|(_, p, lim)| p.iter().map(|x| x.1).sum::<f64>().max(lim.unwrap_or(0.0)))
         .fold(0.0, f64::max)
         .max(1e-12);
-    let h = top + rows.len() as f64 * (bar_h + 12.0) + 60.0;
-    let scale = (w - left - 30.0) / max;
+    let legend_rows = rows.first().map_or(0, |(_, p, _)| p.len().div_ceil(4)) as f64;
+    let h = top + rows.len() as f64 * (bar_h + 12.0) + 20.0 + 20.0 * legend_rows;
+    let scale = (w - left - 90.0) / max;
     let mut s = format!(
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><text x="10" y="20" font-size="15" font-weight="bold">{}</text>"#,
         esc(title)
@@ -216,10 +222,11 @@ fn stacked_bars(title: &str, unit: &str, rows: &[(String, Vec<(&str, f64)>, Opti
         let mut x = left;
         for (pi, (name, v)) in parts.iter().enumerate() {
             let bw = v * scale;
+            // A single-part bar (a total) is drawn in grey, apart from the stacked colours.
+            let color = if parts.len() == 1 { "#999999" } else { COLORS[pi % COLORS.len()] };
             let _ = write!(
                 s,
-                r#"<rect x="{x:.1}" y="{y:.1}" width="{bw:.1}" height="{bar_h}" fill="{}"><title>{}: {v:.3} {unit}</title></rect>"#,
-                COLORS[pi % COLORS.len()],
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{bw:.1}" height="{bar_h}" fill="{color}"><title>{}: {v:.3} {unit}</title></rect>"#,
                 esc(name)
             );
             x += bw;
@@ -242,9 +249,9 @@ fn stacked_bars(title: &str, unit: &str, rows: &[(String, Vec<(&str, f64)>, Opti
         }
     }
     if let Some((_, parts, _)) = rows.first() {
-        let ly = top + rows.len() as f64 * (bar_h + 12.0) + 20.0;
-        let mut lx = 10.0;
+        let y0 = top + rows.len() as f64 * (bar_h + 12.0) + 20.0;
         for (pi, (name, _)) in parts.iter().enumerate() {
+            let (lx, ly) = (10.0 + (pi % 4) as f64 * 185.0, y0 + (pi / 4) as f64 * 20.0);
             let _ = write!(
                 s,
                 r#"<rect x="{lx:.1}" y="{:.1}" width="12" height="12" fill="{}"/><text x="{:.1}" y="{ly:.1}">{}</text>"#,
@@ -253,7 +260,6 @@ fn stacked_bars(title: &str, unit: &str, rows: &[(String, Vec<(&str, f64)>, Opti
                 lx + 16.0,
                 esc(name)
             );
-            lx += 24.0 + 7.0 * name.len() as f64;
         }
     }
     s.push_str("</svg>");
