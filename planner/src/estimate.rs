@@ -428,6 +428,23 @@ impl<'a> Instance<'a> {
             }
             let sum: f64 = load.iter().sum();
             self.share = load.iter().map(|x| if sum > 0.0 { x / sum } else { 1.0 / d as f64 }).collect();
+            if let Some(p) = &self.placement_problem {
+                // Name the device that overflows most, in the terms a planner reads.
+                let (i, over) = (0..d)
+                    .map(|i| (i, held[i] as f64 * eb - room[i]))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .unwrap_or((0, 0.0));
+                let cap = self.devs[i].spec.memory_bytes();
+                self.placement_problem = Some(format!(
+                    "{p}: {} device {i} would hold {} experts ({:.1} GB) beside {:.1} GB of everything else; it has {:.1} GB ({:.1} GB short)",
+                    self.devs[i].spec.name,
+                    held[i],
+                    held[i] as f64 * eb / GB,
+                    (cap - room[i]) / GB,
+                    cap / GB,
+                    over / GB
+                ));
+            }
             self.held = held;
             self.placement.from_measured_loads = loads.is_some();
         } else {
