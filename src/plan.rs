@@ -108,7 +108,7 @@ fn load_model(m: &str) -> Result<ModelArch> {
         let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
         return Ok(ModelArch::from_config_text(&file.display().to_string(), &text)?);
     }
-    Ok(ModelArch::preset(m).with_context(|| format!("`{m}` is neither a file nor a preset"))?)
+    ModelArch::preset(m).with_context(|| format!("`{m}` is neither a file nor a preset"))
 }
 
 fn default_precisions(a: &ModelArch, args: &PlanArgs) -> Precisions {
@@ -315,7 +315,7 @@ pub(crate) async fn plan(args: PlanArgs) -> Result<()> {
         Some(r) => r.curves.clone().into_iter().collect(),
         None if (args.json || args.html.is_some()) && input.inventory.pools.len() == 1 && loads_absent(&input) => {
             let p = &input.inventory.pools[0];
-            let max = (2 * p.nodes).max(8).min(32);
+            let max = (2 * p.nodes).clamp(8, 32);
             vec![(p.name.clone(), curve(&input, p, max, None))]
         }
         None => vec![],

@@ -542,8 +542,8 @@ impl<'a> Instance<'a> {
         // Memory and fit.
         let mut devices: BTreeMap<usize, DeviceReport> = BTreeMap::new();
         let mut fit_problem = self.placement_problem.clone();
-        for i in 0..d {
-            let m = self.memory(i, b_r, t_r, recv[i].ceil() as usize);
+        for (i, r) in recv.iter().enumerate() {
+            let m = self.memory(i, b_r, t_r, r.ceil() as usize);
             let fits = m.total <= m.capacity;
             if !fits && fit_problem.is_none() {
                 fit_problem = Some(format!(

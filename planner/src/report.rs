@@ -71,19 +71,19 @@ pub fn text(e: &Estimate) -> String {
         let _ = write!(header, "{:>18}", format!("{} x{}", d.device, d.count));
     }
     let _ = writeln!(o, "{header}");
-    let rows: Vec<(&str, Box<dyn Fn(&crate::estimate::DeviceReport) -> String>)> = vec![
-        ("experts held", Box::new(|d| d.experts_held.to_string())),
-        ("experts", Box::new(|d| gb(d.memory.experts))),
-        ("attention+dense", Box::new(|d| gb(d.memory.attention_dense))),
-        ("embeddings", Box::new(|d| gb(d.memory.embeddings))),
-        ("kv cache", Box::new(|d| gb(d.memory.kv_cache))),
-        ("activations", Box::new(|d| gb(d.memory.activations))),
-        ("comm buffers", Box::new(|d| gb(d.memory.comm_buffers))),
-        ("reserve", Box::new(|d| gb(d.memory.reserve))),
-        ("total / capacity", Box::new(|d| format!("{} / {}", gb(d.memory.total), gb(d.memory.capacity)))),
-        ("fits", Box::new(|d| if d.fits { "yes".into() } else { "NO".into() })),
-        ("routed token share", Box::new(|d| format!("{:.2}%", d.token_share * 100.0))),
-        ("expert compute in", Box::new(|d| d.compute_precision.to_string())),
+    let rows: Vec<Row> = vec![
+        ("experts held", |d| d.experts_held.to_string()),
+        ("experts", |d| gb(d.memory.experts)),
+        ("attention+dense", |d| gb(d.memory.attention_dense)),
+        ("embeddings", |d| gb(d.memory.embeddings)),
+        ("kv cache", |d| gb(d.memory.kv_cache)),
+        ("activations", |d| gb(d.memory.activations)),
+        ("comm buffers", |d| gb(d.memory.comm_buffers)),
+        ("reserve", |d| gb(d.memory.reserve)),
+        ("total / capacity", |d| format!("{} / {}", gb(d.memory.total), gb(d.memory.capacity))),
+        ("fits", |d| if d.fits { "yes".into() } else { "NO".into() }),
+        ("routed token share", |d| format!("{:.2}%", d.token_share * 100.0)),
+        ("expert compute in", |d| d.compute_precision.to_string()),
     ];
     for (name, f) in rows {
         let mut line = format!("  {name:<22}");
@@ -195,6 +195,12 @@ pub fn search_text(r: &SearchResult) -> String {
     o
 }
 
+/// One bar of a stacked chart: its label, its parts, and an optional limit mark.
+type Bar<'a> = (String, Vec<(&'a str, f64)>, Option<f64>);
+
+/// A row of the memory table: its name and how a device's value is shown.
+type Row = (&'static str, fn(&crate::estimate::DeviceReport) -> String);
+
 const COLORS: [&str; 8] = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f"];
 
 fn esc(s: &str) -> String {
@@ -202,7 +208,7 @@ fn esc(s: &str) -> String {
 }
 
 /// Horizontal stacked bars: one per row, parts in a shared legend; an optional limit tick.
-fn stacked_bars(title: &str, unit: &str, rows: &[(String, Vec<(&str, f64)>, Option<f64>)]) -> String {
+fn stacked_bars(title: &str, unit: &str, rows: &[Bar<'_>]) -> String {
     let (w, bar_h, left, top) = (760.0, 28.0, 170.0, 40.0);
     let max = rows
         .iter()
@@ -315,7 +321,7 @@ fn curve_chart(curves: &[(String, Vec<CurvePoint>)]) -> String {
 
 /// A self-contained HTML report.
 pub fn html(e: &Estimate, curves: &[(String, Vec<CurvePoint>)], search: Option<&SearchResult>) -> String {
-    let mem_rows: Vec<(String, Vec<(&str, f64)>, Option<f64>)> = e
+    let mem_rows: Vec<Bar<'_>> = e
         .devices
         .iter()
         .map(|d| {
