@@ -803,15 +803,15 @@ impl<'a> Instance<'a> {
 
 /// Evaluate the input as given: one instance over the inventory (or `--ep` devices), with the
 /// coordinator's placement code.
+/// A plan that does not fit comes back too, with `fits` false, the memory it would need at one
+/// request per attention rank, and `fit_problem` naming the device that overflows.
 pub fn evaluate(input: &PlanInput) -> Result<Estimate> {
     let inst = Instance::new(input, true)?;
-    inst.best().ok_or_else(|| {
-        let e = inst.at_batch(inst.dp);
-        PlanError::Placement(format!(
-            "the model does not fit even at one request per attention rank: {}",
-            e.fit_problem.unwrap_or_default()
-        ))
-    })
+    Ok(inst.best().unwrap_or_else(|| {
+        let mut e = inst.at_batch(inst.dp);
+        e.batch_limit = Some("memory: the model does not fit even at one request per attention rank".into());
+        e
+    }))
 }
 
 /// One point of the tokens/s-against-nodes curve.
@@ -1030,8 +1030,10 @@ mod tests {
         let w = decode(None, 8192);
         let fp4 = evaluate(&input("deepseek-v4-pro", "h200", 1, Precision::Fp4, 8, w.clone())).unwrap();
         assert!(fp4.fits && fp4.batch >= 1, "{}", crate::report::text(&fp4));
-        let e = evaluate(&input("deepseek-v4-pro", "h200", 1, Precision::Fp8, 8, w.clone())).unwrap_err().to_string();
-        assert!(e.contains("does not fit"), "{e}");
+        let fp8 = evaluate(&input("deepseek-v4-pro", "h200", 1, Precision::Fp8, 8, w.clone())).unwrap();
+        assert!(!fp8.fits && !fp8.devices[0].fits, "{}", crate::report::text(&fp8));
+        let why = fp8.fit_problem.unwrap();
+        assert!(why.contains("h200-sxm device") && why.contains("141.0 GB"), "{why}");
         let fp8_16 = evaluate(&input("deepseek-v4-pro", "h200", 2, Precision::Fp8, 8, w.clone())).unwrap();
         assert!(fp8_16.fits, "{}", crate::report::text(&fp8_16));
         let mut flash = input("deepseek-v4-flash", "h200", 1, Precision::Fp4, 4, w);

@@ -62,7 +62,9 @@ pub fn text(e: &Estimate) -> String {
         "precisions: experts {}, attention {}, KV cache {}; batch {} per instance ({} tokens per step), context {}",
         e.precisions.experts, e.precisions.attention, e.precisions.kv_cache, e.batch, e.tokens_per_step, e.context
     );
-    if let Some(l) = &e.batch_limit {
+    if !e.fits {
+        let _ = writeln!(o, "DOES NOT FIT: {}", e.fit_problem.as_deref().unwrap_or("memory"));
+    } else if let Some(l) = &e.batch_limit {
         let _ = writeln!(o, "batch chosen as the largest that works; limited by {l}");
     }
     let _ = writeln!(o, "\nMemory per device, GB (the most loaded device of each kind)");
