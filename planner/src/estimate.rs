@@ -589,7 +589,7 @@ impl<'a> Instance<'a> {
             } else {
                 3.0 * h * a.dense_ffn as f64
             };
-            let mut slow = (0.0f64, 0.0f64, false, false, LayerComm::default(), 0.0f64, 0.0f64);
+            let mut per_dev = Vec::with_capacity(d);
             for (i, dev) in self.devs.iter().enumerate() {
                 let lin_flops = 2.0 * (attn_w + ffn_w) * t_r as f64 / tp;
                 let core = core_flops * t_r as f64 / tp;
@@ -642,17 +642,10 @@ impl<'a> Instance<'a> {
                         combine_s: ct,
                     };
                 }
-                let total = attn_t + exp_t + comm.dispatch_s + comm.combine_s;
-                if total > slow.0 + slow.1 + slow.4.dispatch_s + slow.4.combine_s {
-                    slow = (attn_t, exp_t, t_m > t_c, exp_mem_bound, comm, attn_t + exp_t, 0.0);
-                }
-                // The overlapped step waits for the slowest compute and the slowest link.
-                slow.5 = slow.5.max(attn_t + exp_t);
-                slow.6 = slow.6.max(comm.dispatch_s + comm.combine_s);
+                per_dev.push(DevLayer { attn_t, exp_t, attn_mem: t_m > t_c, exp_mem: exp_mem_bound, comm });
             }
-            let (attn_t, exp_t, attn_mem, exp_mem, comm, compute_max, comm_max) = slow;
-            let no_overlap = attn_t + exp_t + comm.dispatch_s + comm.combine_s;
-            let overlap = compute_max.max(comm_max);
+            let (slowest, no_overlap, overlap) = reduce_layer(&per_dev);
+            let DevLayer { attn_t, exp_t, attn_mem, exp_mem, comm } = slowest;
             if attn_mem {
                 br.attention_memory += attn_t;
             } else {
@@ -799,6 +792,36 @@ impl<'a> Instance<'a> {
         });
         Some(e)
     }
+}
+
+/// One device's times for one layer.
+#[derive(Debug, Clone, Copy, Default)]
+struct DevLayer {
+    attn_t: f64,
+    exp_t: f64,
+    attn_mem: bool,
+    exp_mem: bool,
+    comm: LayerComm,
+}
+
+impl DevLayer {
+    fn compute(&self) -> f64 {
+        self.attn_t + self.exp_t
+    }
+    fn link(&self) -> f64 {
+        self.comm.dispatch_s + self.comm.combine_s
+    }
+}
+
+/// A layer's time over its devices, which all wait for one another: without overlap, the
+/// slowest device's compute plus its communication; with overlap, the slowest compute or the
+/// slowest link, whichever is longer, even when they are on different devices.
+fn reduce_layer(devs: &[DevLayer]) -> (DevLayer, f64, f64) {
+    let slowest = devs.iter().copied().max_by(|a, b| (a.compute() + a.link()).total_cmp(&(b.compute() + b.link())));
+    let slowest = slowest.unwrap_or_default();
+    let compute = devs.iter().map(DevLayer::compute).fold(0.0, f64::max);
+    let link = devs.iter().map(DevLayer::link).fold(0.0, f64::max);
+    (slowest, slowest.compute() + slowest.link(), compute.max(link))
 }
 
 /// Evaluate the input as given: one instance over the inventory (or `--ep` devices), with the
@@ -1167,6 +1190,25 @@ mod tests {
         i.replicas = 40;
         let e = Instance::new(&i, false).unwrap_err().to_string();
         assert!(e.contains("40 replicas"), "{e}");
+    }
+
+    /// Devices of a layer wait for one another. The overlapped time is the slowest compute or
+    /// the slowest link, even when those are on different devices.
+    #[test]
+    fn a_layer_waits_for_the_slowest_compute_and_the_slowest_link() {
+        let dev = |compute: f64, link: f64| DevLayer {
+            attn_t: compute / 2.0,
+            exp_t: compute / 2.0,
+            comm: LayerComm { dispatch_s: link / 2.0, combine_s: link / 2.0, ..Default::default() },
+            ..Default::default()
+        };
+        // Fast compute on a slow link, beside slow compute (the slowest device) on a fast link.
+        let (slowest, no_overlap, overlap) = reduce_layer(&[dev(0.1, 1.0), dev(0.9, 0.3), dev(0.2, 0.2)]);
+        assert_eq!(slowest.compute(), 0.9);
+        assert!((no_overlap - 1.2).abs() < 1e-12);
+        assert!((overlap - 1.0).abs() < 1e-12, "{overlap}");
+        let (_, no, ov) = reduce_layer(&[dev(0.4, 0.1)]);
+        assert!((no - 0.5).abs() < 1e-12 && (ov - 0.4).abs() < 1e-12);
     }
 
     /// Measured loads move the token share onto the devices that hold the hot experts.
