@@ -27,6 +27,7 @@ pub(crate) struct PlanArgs {
     /// Attention, dense and shared-expert weights (default: fp8 for DeepSeek, else bf16).
     #[arg(long)]
     attention_precision: Option<Precision>,
+    /// KV cache: fp4, fp8, int8 or bf16.
     #[arg(long, default_value = "bf16")]
     kv_precision: Precision,
     /// Hardware inventory (YAML: `pools:` and optionally `devices:`; docs/planner.md).
@@ -38,6 +39,7 @@ pub(crate) struct PlanArgs {
     /// Nodes of the `--device` pool.
     #[arg(long, default_value_t = 1)]
     nodes: usize,
+    /// Devices per node of the `--device` pool (default: the catalog's).
     #[arg(long)]
     devices_per_node: Option<usize>,
     /// Plan on a live cluster: its workers, model and measured expert loads (coordinator host:port).
