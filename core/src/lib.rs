@@ -5,6 +5,7 @@ pub mod config;
 pub mod dtype;
 pub mod error;
 pub mod gating;
+pub mod limits;
 pub mod placement;
 pub mod reference;
 pub mod rng;

@@ -26,3 +26,34 @@ pub fn reflection_service() -> Result<
         .build_v1()
         .map_err(|e| format!("building the reflection service: {e}"))
 }
+
+/// The gRPC health service name a worker reports for its expert service.
+pub const EXPERT_SERVICE: &str = "expertmesh.v1.ExpertService";
+
+/// Ask the gRPC health service at `address` (`HOST:PORT`) whether `service` ("" for the whole
+/// server) is SERVING, within `limit`. `Err` says why not: the address does not parse, nothing
+/// answers, or the answer is another status.
+pub async fn health_check(address: &str, service: &str, limit: std::time::Duration) -> Result<(), String> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("address `{address}` is not usable: {e}"))?
+        .connect_timeout(limit)
+        .timeout(limit);
+    let check = async {
+        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let r = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: service.to_string() })
+            .await
+            .map_err(|s| format!("health check of {address} failed: {}", s.message()))?;
+        match r.into_inner().status() {
+            ServingStatus::Serving => Ok(()),
+            other => Err(format!("{address} reports {other:?}")),
+        }
+    };
+    match tokio::time::timeout(limit, check).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("{address} did not answer a health check within {limit:?}")),
+    }
+}
