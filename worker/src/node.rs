@@ -24,7 +24,7 @@ use crate::control::{connect_control, ControlPlane, ControlTarget, Registration}
 use crate::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
 use crate::error::{Result, WorkerError};
 use crate::moe::Frontend;
-use crate::service::{ExpertServiceImpl, ExpertStore, MoeLayerImpl};
+use crate::service::{Admission, AdmissionConfig, ExpertServiceImpl, ExpertStore, MoeLayerImpl};
 
 /// Worker settings (from `expertmesh worker` flags).
 #[derive(Debug, Clone)]
@@ -41,7 +41,8 @@ pub struct WorkerConfig {
     pub model: Option<PathBuf>,
     pub memory_bytes: u64,
     pub tflops: f64,
-    pub max_message_bytes: usize,
+    /// Limits and admission control of the worker's servers.
+    pub admission: AdmissionConfig,
     pub dispatcher: DispatcherConfig,
     /// How long a drain (SIGTERM) waits for the experts to move before leaving anyway.
     pub drain_timeout: Duration,
@@ -235,6 +236,12 @@ fn my_experts(plan: &PlacementPlan, worker_id: &str) -> HashSet<(u32, u32)> {
 /// Run a worker until it is stopped or drained. Prints `EXPERTMESH_WORKER_READY id=.. addr=..`
 /// on stdout once it serves.
 pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
+    use expertmesh_core::limits::{check_address, check_id};
+    check_id("--id", &cfg.worker_id).map_err(WorkerError::InvalidInput)?;
+    check_id("--node", &cfg.node).map_err(WorkerError::InvalidInput)?;
+    if let Some(a) = &cfg.advertise {
+        check_address("--advertise", a).map_err(WorkerError::InvalidInput)?;
+    }
     let backend = backend_for_device(&cfg.device)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = cfg.advertise.clone().unwrap_or(listener.local_addr()?.to_string());
@@ -275,25 +282,34 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExpertServiceServer<ExpertServiceImpl>>().await;
     let reflection = expertmesh_proto::reflection_service().map_err(WorkerError::Internal)?;
-    let max = cfg.max_message_bytes;
+    let admission = Admission::new(cfg.admission.clone(), &cfg.worker_id);
+    let max = cfg.admission.limits.max_message_bytes;
+    // Windows a few chunks deep: enough to keep a link busy, small enough that a peer that
+    // sends and never reads pins little. A stream count above the per-peer limit, so excess
+    // streams reach the handler and get a clear RESOURCE_EXHAUSTED; pings find dead peers.
+    let streams =
+        u32::try_from(cfg.admission.max_streams_per_peer.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(32 << 20))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .max_concurrent_streams(Some(streams))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            ExpertServiceServer::new(ExpertServiceImpl { store: store.clone() })
+            ExpertServiceServer::new(ExpertServiceImpl { store: store.clone(), admission: admission.clone() })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(
-            MoeLayerServer::new(MoeLayerImpl { dispatcher })
+            MoeLayerServer::new(MoeLayerImpl { dispatcher, admission: admission.clone() })
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::admission::incoming(listener, admission.conns.clone()),
             server_stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use expertmesh_core::dtype::{decode_f32, encode_f32, DType};
@@ -16,14 +17,20 @@ use expertmesh_proto::v1::{
     CountersRequest, CountersResponse, DescribeRequest, ExpertBatch, ExpertLoad, ExpertResult, ForwardRequest,
     ForwardResponse, ModelDescription,
 };
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
 
+use crate::admission::{Budget, Connections, PeerStreams};
 use crate::compute::on_pool;
 use crate::dispatcher::Dispatcher;
 use crate::error::{Result, WorkerError};
+use crate::limits::{check_batch, check_finite, check_forward_shape, BatchShape, Limits, StreamCheck};
 use crate::moe::MoeInput;
-use crate::wire::{dtype_from_proto, dtype_to_proto, f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
+use crate::wire::{
+    dtype_from_proto, dtype_to_proto, f32_tensor, grpc_deadline, i64_tensor, tensor_to_f32, tensor_to_i64,
+};
 
 type ExpertMap = HashMap<(u32, u32), Arc<dyn LoadedFfn>>;
 
@@ -110,68 +117,33 @@ impl ExpertStore {
             .collect()
     }
 
-    /// Check and compute one chunk; answers the same rows in the same order.
-    pub async fn compute_chunk(&self, b: ExpertBatch) -> Result<ExpertResult> {
+    /// Compute one chunk that [`check_batch`] accepted; answers the same rows in the same order.
+    pub async fn compute_chunk(&self, b: ExpertBatch, shape: BatchShape) -> Result<ExpertResult> {
         let s = &self.spec;
-        let dtype = dtype_from_proto(b.dtype, "ExpertBatch.dtype")?;
-        if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
-            return Err(WorkerError::InvalidInput(format!(
-                "ExpertBatch.dtype {} is not an activation dtype; expected f32, bf16 or f16",
-                dtype.name()
-            )));
-        }
-        if b.hidden as usize != s.hidden {
-            return Err(WorkerError::InvalidInput(format!(
-                "ExpertBatch.hidden is {}; this model's hidden size is {}",
-                b.hidden, s.hidden
-            )));
-        }
-        s.check_moe_layer(b.layer as usize)?;
-        if b.experts.len() != b.rows.len() {
-            return Err(WorkerError::InvalidInput(format!(
-                "ExpertBatch has {} experts but {} row counts; expected one count per expert",
-                b.experts.len(),
-                b.rows.len()
-            )));
-        }
-        let rows: usize = b.rows.iter().map(|&r| r as usize).sum();
-        let need = rows * s.hidden * dtype.size();
-        if b.data.len() != need {
-            return Err(WorkerError::InvalidInput(format!(
-                "ExpertBatch.data has {} bytes; {rows} rows x hidden {} of {} need {need} (truncated tensor bytes)",
-                b.data.len(),
-                s.hidden,
-                dtype.name()
-            )));
-        }
         let experts = self.snapshot();
         let mut ffns = Vec::with_capacity(b.experts.len());
         for &e in &b.experts {
-            if e as usize >= s.n_routed {
-                return Err(WorkerError::InvalidInput(format!(
-                    "expert {e} is out of range: layer {} has experts 0..{}",
-                    b.layer, s.n_routed
-                )));
-            }
             match experts.get(&(b.layer, e)) {
                 Some(f) => ffns.push(f.clone()),
                 None => {
+                    let epoch = self.epoch();
                     return Err(WorkerError::NotHeld {
-                        worker: self.worker_id.clone(),
-                        layer: b.layer as usize,
-                        expert: e as usize,
-                        epoch: self.epoch(),
-                        request_epoch: b.epoch,
-                    })
+                        epoch,
+                        detail: format!(
+                            "worker {} does not hold layer {} expert {e} (its placement epoch is {epoch}; the request used epoch {})",
+                            self.worker_id, b.layer, b.epoch
+                        ),
+                    });
                 }
             }
         }
-        let h = s.hidden;
+        let (h, dtype, rows) = (s.hidden, shape.dtype, shape.rows);
         let seg_rows = b.rows.clone();
         let data = b.data.clone();
         let out = on_pool(move || -> Result<Vec<u8>> {
             let mut x = vec![0f32; rows * h];
             decode_f32(dtype, &data, &mut x)?;
+            check_finite(&x, h, "ExpertBatch.data")?;
             let mut y = vec![0f32; rows * h];
             let mut off = 0;
             for (ffn, &r) in ffns.iter().zip(&seg_rows) {
@@ -185,9 +157,80 @@ impl ExpertStore {
         })
         .await??;
         for (&e, &r) in b.experts.iter().zip(&b.rows) {
-            self.counters[b.layer as usize * s.n_routed + e as usize].fetch_add(r as u64, Ordering::Relaxed);
+            let c = &self.counters[b.layer as usize * s.n_routed + e as usize];
+            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(r as u64)));
         }
         Ok(ExpertResult { chunk: b.chunk, dtype: dtype_to_proto(dtype), rows: rows as u32, data: Bytes::from(out) })
+    }
+}
+
+/// Admission settings of a worker's servers (flags of `expertmesh worker`).
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    pub limits: Limits,
+    /// Bytes of ExpertService chunks in flight (`--max-inflight-mib`).
+    pub compute_budget_bytes: u64,
+    /// Bytes of MoeLayer.Forward requests in flight on this entry worker
+    /// (`--max-forward-inflight-mib`). A separate budget: a Forward waits on chunks that may
+    /// land on this same worker, so one shared budget could deadlock.
+    pub forward_budget_bytes: u64,
+    /// Concurrent streams and calls per peer connection (`--max-streams-per-peer`).
+    pub max_streams_per_peer: usize,
+    /// Open connections (`--max-connections`).
+    pub max_connections: usize,
+    /// How long a request waits for room before RESOURCE_EXHAUSTED (`--admission-wait-ms`).
+    pub admission_wait: Duration,
+    /// A peer that does not read its answers for this long loses its connection
+    /// (`--stall-timeout-ms`).
+    pub stall_timeout: Duration,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            compute_budget_bytes: 1 << 30,
+            forward_budget_bytes: 2 << 30,
+            max_streams_per_peer: 64,
+            max_connections: 1024,
+            admission_wait: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One worker's admission state, shared by its services.
+#[derive(Debug)]
+pub struct Admission {
+    pub cfg: AdmissionConfig,
+    pub compute: Budget,
+    pub forward: Budget,
+    pub peers: Arc<PeerStreams>,
+    pub conns: Arc<Connections>,
+    /// Calls answered RESOURCE_EXHAUSTED.
+    pub refused: AtomicU64,
+}
+
+impl Admission {
+    pub fn new(cfg: AdmissionConfig, worker_id: &str) -> Arc<Self> {
+        let owner = format!("worker {worker_id}");
+        Arc::new(Self {
+            compute: Budget::new(cfg.compute_budget_bytes, "in-flight activation", "--max-inflight-mib", &owner),
+            forward: Budget::new(cfg.forward_budget_bytes, "in-flight Forward", "--max-forward-inflight-mib", &owner),
+            peers: PeerStreams::new(cfg.max_streams_per_peer, &owner),
+            conns: Connections::new(cfg.max_connections),
+            refused: AtomicU64::new(0),
+            cfg,
+        })
+    }
+
+    /// Count a refusal and turn it into the status the caller gets.
+    fn refuse(&self, e: WorkerError) -> Status {
+        if matches!(e, WorkerError::ResourceExhausted(_)) {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            debug!(error = %e, "request refused at admission");
+        }
+        Status::from(e)
     }
 }
 
@@ -195,38 +238,93 @@ impl ExpertStore {
 #[derive(Debug, Clone)]
 pub struct ExpertServiceImpl {
     pub store: Arc<ExpertStore>,
+    pub admission: Arc<Admission>,
 }
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<ExpertResult, Status>> + Send>>;
+type Queued = Result<(ExpertBatch, BatchShape, OwnedSemaphorePermit), Status>;
 
 #[tonic::async_trait]
 impl ExpertService for ExpertServiceImpl {
     type ComputeStream = ResultStream;
 
+    /// A reader checks each chunk (order, sizes, model) and reserves its bytes before queueing
+    /// it; it stops reading while the queue is full, so HTTP/2 flow control holds the peer back.
+    /// The computer answers each chunk in order; a peer that stops reading its answers past the
+    /// stall timeout loses its connection.
     async fn compute(&self, req: Request<Streaming<ExpertBatch>>) -> Result<Response<Self::ComputeStream>, Status> {
+        let adm = self.admission.clone();
+        let peer = req.remote_addr();
+        let deadline = grpc_deadline(req.metadata());
+        let slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        // Reader: pull chunks off the connection while earlier chunks compute.
-        let (qtx, mut qrx) = tokio::sync::mpsc::channel::<Result<ExpertBatch, Status>>(8);
-        tokio::spawn(async move {
-            while let Some(m) = inbound.next().await {
-                if qtx.send(m).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ExpertResult, Status>>(2);
+        let (qtx, mut qrx) = tokio::sync::mpsc::channel::<Queued>(2);
         let store = self.store.clone();
+        let reader = {
+            let (store, adm) = (store.clone(), adm.clone());
+            tokio::spawn(async move {
+                let mut order = StreamCheck::new(store.spec(), &adm.cfg.limits);
+                while let Some(m) = inbound.next().await {
+                    let item = match m {
+                        Err(s) => Err(s),
+                        Ok(b) => {
+                            let checked = check_batch(store.spec(), &adm.cfg.limits, &b)
+                                .and_then(|shape| order.admit(b.chunk, shape.rows).map(|()| shape));
+                            match checked {
+                                Err(e) => Err(Status::from(e)),
+                                Ok(shape) => {
+                                    match adm.compute.acquire(shape.cost_bytes, adm.cfg.admission_wait).await {
+                                        Ok(permit) => Ok((b, shape, permit)),
+                                        Err(e) => Err(adm.refuse(e)),
+                                    }
+                                }
+                            }
+                        }
+                    };
+                    let stop = item.is_err();
+                    if qtx.send(item).await.is_err() || stop {
+                        break;
+                    }
+                }
+            })
+        };
         tokio::spawn(async move {
-            while let Some(m) = qrx.recv().await {
-                let r = match m {
-                    Ok(b) => store.compute_chunk(b).await.map_err(Status::from),
+            let _slot = slot;
+            while let Some(item) = qrx.recv().await {
+                let r = match item {
+                    Ok((b, shape, permit)) => {
+                        let r = if deadline.is_some_and(|d| Instant::now() >= d) {
+                            Err(Status::deadline_exceeded(format!(
+                                "worker {}: the stream's deadline passed before chunk {} was computed",
+                                store.worker_id(),
+                                b.chunk
+                            )))
+                        } else {
+                            store.compute_chunk(b, shape).await.map_err(Status::from)
+                        };
+                        drop(permit);
+                        r
+                    }
                     Err(s) => Err(s),
                 };
                 let failed = r.is_err();
-                if tx.send(r).await.is_err() || failed {
+                match tokio::time::timeout(adm.cfg.stall_timeout, tx.send(r)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break, // the caller went away (cancelled, or a hedge won)
+                    Err(_) => {
+                        warn!(peer = ?peer, stall = ?adm.cfg.stall_timeout, "peer stopped reading its answers; cutting its connection");
+                        if let Some(p) = peer {
+                            adm.conns.cut(p);
+                        }
+                        break;
+                    }
+                }
+                if failed {
                     break;
                 }
             }
+            reader.abort();
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
@@ -240,26 +338,34 @@ impl ExpertService for ExpertServiceImpl {
 #[derive(Debug, Clone)]
 pub struct MoeLayerImpl {
     pub dispatcher: Arc<Dispatcher>,
+    pub admission: Arc<Admission>,
 }
 
-/// Decode a ForwardRequest into the dispatcher's input.
-pub fn forward_input(spec: &ModelSpec, r: &ForwardRequest) -> Result<(MoeInput, DType)> {
+/// Bytes one Forward of `tokens` tokens holds while it is dispatched: its input, the routed rows
+/// and their answers (top-k per token), the shared expert's output, the output, and the encoded
+/// chunks on the wire.
+pub fn forward_cost(spec: &ModelSpec, tokens: usize) -> u64 {
+    let (h, k) = (spec.hidden as u64, spec.top_k as u64);
+    (tokens as u64).saturating_mul(h).saturating_mul(4 * (k + 4) + 2 * k)
+}
+
+/// Decode a ForwardRequest into the dispatcher's input: every size is checked against the model
+/// and the limits before anything is allocated.
+pub fn forward_input(spec: &ModelSpec, limits: &Limits, r: &ForwardRequest) -> Result<(MoeInput, DType)> {
     let hs = r.hidden_states.as_ref().ok_or_else(|| {
         WorkerError::InvalidInput("ForwardRequest.hidden_states is required (f32 [T, hidden])".into())
     })?;
-    let (x, shape) = tensor_to_f32(hs, "hidden_states")?;
-    if shape.len() != 2 || shape[1] != spec.hidden {
-        return Err(WorkerError::InvalidInput(format!(
-            "hidden_states has shape {shape:?}; expected [T, {}] (hidden size {})",
-            spec.hidden, spec.hidden
-        )));
-    }
+    let tokens = check_forward_shape(spec, limits, hs)?;
+    let (x, _) = tensor_to_f32(hs, "hidden_states")?;
     let ids = match &r.input_ids {
         Some(t) if !t.shape.is_empty() || !t.data.is_empty() => {
-            let (ids, ishape) = tensor_to_i64(t, "input_ids")?;
-            if ishape.len() != 1 {
-                return Err(WorkerError::InvalidInput(format!("input_ids has shape {ishape:?}; expected [T]")));
+            if t.shape.len() != 1 || t.shape[0] != tokens as u64 {
+                return Err(WorkerError::InvalidInput(format!(
+                    "input_ids has shape {:?}; expected [{tokens}] (one id per token of hidden_states)",
+                    t.shape
+                )));
             }
+            let (ids, _) = tensor_to_i64(t, "input_ids")?;
             Some(ids)
         }
         _ => None,
@@ -274,16 +380,31 @@ pub fn forward_input(spec: &ModelSpec, r: &ForwardRequest) -> Result<(MoeInput, 
             d
         }
     };
-    Ok((MoeInput { layer: r.layer as usize, tokens: shape[0], hidden_states: x, input_ids: ids }, wire))
+    Ok((MoeInput { layer: r.layer as usize, tokens, hidden_states: x, input_ids: ids }, wire))
 }
 
 #[tonic::async_trait]
 impl MoeLayer for MoeLayerImpl {
+    /// Idempotent: the same request always gets the same answer, so a caller may retry it on any
+    /// worker (after UNAVAILABLE, or a broken connection).
     async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let adm = &self.admission;
+        let deadline = grpc_deadline(req.metadata());
+        let _slot = adm.peers.acquire(req.remote_addr(), adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let spec = self.dispatcher.spec().clone();
-        let (inp, wire) = forward_input(&spec, req.get_ref())?;
-        let tokens = inp.tokens;
-        let out = self.dispatcher.forward(inp, wire).await?;
+        let r = req.get_ref();
+        let hs = r
+            .hidden_states
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("ForwardRequest.hidden_states is required (f32 [T, hidden])"))?;
+        let tokens = check_forward_shape(&spec, &adm.cfg.limits, hs)?;
+        let _permit = adm
+            .forward
+            .acquire(forward_cost(&spec, tokens), adm.cfg.admission_wait)
+            .await
+            .map_err(|e| adm.refuse(e))?;
+        let (inp, wire) = forward_input(&spec, &adm.cfg.limits, r)?;
+        let out = self.dispatcher.forward_until(inp, wire, deadline).await?;
         let k = out.routing.top_k;
         let idx: Vec<i64> = out.routing.indices.iter().map(|&v| v as i64).collect();
         Ok(Response::new(ForwardResponse {

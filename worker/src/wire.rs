@@ -32,8 +32,7 @@ pub fn dtype_to_proto(d: DType) -> i32 {
 }
 
 fn check_len(t: &Tensor, d: DType, field: &str) -> Result<usize> {
-    let n: u64 = t.shape.iter().product();
-    let need = n as usize * d.size();
+    let need = crate::limits::expected_bytes(t, d, field)?;
     if t.data.len() != need {
         return Err(WorkerError::InvalidInput(format!(
             "{field}: {} bytes of data; shape {:?} of {} needs {need} (truncated or padded tensor)",
@@ -42,7 +41,7 @@ fn check_len(t: &Tensor, d: DType, field: &str) -> Result<usize> {
             d.name()
         )));
     }
-    Ok(n as usize)
+    Ok(need / d.size())
 }
 
 /// A float tensor as f32 values and its shape.
@@ -95,5 +94,51 @@ pub fn i64_tensor(shape: &[usize], values: &[i64]) -> Tensor {
         dtype: PDType::DtypeI64 as i32,
         shape: shape.iter().map(|&x| x as u64).collect(),
         data: Bytes::from(values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()),
+    }
+}
+
+/// A `grpc-timeout` header value (at most 8 digits and a unit: H, M, S, m, u, n), as the gRPC
+/// over HTTP/2 spec writes it; None when it is malformed.
+pub fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let unit = v.chars().last()?;
+    let digits = &v[..v.len() - unit.len_utf8()];
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        'H' => Duration::from_secs(n * 3600),
+        'M' => Duration::from_secs(n * 60),
+        'S' => Duration::from_secs(n),
+        'm' => Duration::from_millis(n),
+        'u' => Duration::from_micros(n),
+        'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// The deadline a caller set with `grpc-timeout`, a little early (a tenth of the timeout, at most
+/// 20 ms) so that our DEADLINE_EXCEEDED, which names what was missing, goes out before the
+/// transport's own timer cancels the call.
+pub fn grpc_deadline(md: &tonic::metadata::MetadataMap) -> Option<std::time::Instant> {
+    let d = parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)?;
+    let margin = (d / 10).min(std::time::Duration::from_millis(20));
+    Some(std::time::Instant::now() + (d - margin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_writes_them() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+        for bad in ["", "m", "123456789m", "10x", "-5m", "1.5S", "5é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
     }
 }

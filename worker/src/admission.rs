@@ -1,0 +1,381 @@
+//! Admission control on a worker, so that no peer can make it buffer without bound:
+//!
+//! - [`Budget`]: bytes of activations in flight (chunks being decoded, computed and encoded;
+//!   Forward requests being dispatched). A request that does not fit waits briefly, then gets
+//!   RESOURCE_EXHAUSTED naming the budget and its flag.
+//! - [`PeerStreams`]: concurrent streams per peer connection, same rule.
+//! - [`Connections`]: every accepted connection, behind a [`GuardedIo`] the worker can cut. A
+//!   peer that stops reading its answers is first flow-controlled (HTTP/2 windows and the bounded
+//!   queues of a stream) and, past the stall timeout, its connection is dropped.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::task::AtomicWaker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_stream::Stream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+use tracing::warn;
+
+use crate::error::{Result, WorkerError};
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// A budget of bytes in flight, counted in KiB.
+#[derive(Debug)]
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    total_kib: u32,
+    /// "in-flight activation" or the like, for messages.
+    what: &'static str,
+    flag: &'static str,
+    owner: String,
+}
+
+impl Budget {
+    pub fn new(bytes: u64, what: &'static str, flag: &'static str, owner: &str) -> Self {
+        let total_kib = (bytes / 1024).clamp(1, u32::MAX as u64) as u32;
+        Self { sem: Arc::new(Semaphore::new(total_kib as usize)), total_kib, what, flag, owner: owner.to_string() }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.total_kib as u64 * 1024
+    }
+
+    pub fn in_use_bytes(&self) -> u64 {
+        (self.total_kib as u64).saturating_sub(self.sem.available_permits() as u64) * 1024
+    }
+
+    /// Reserve `bytes`, waiting at most `wait`; the reservation lasts as long as the permit.
+    pub async fn acquire(&self, bytes: u64, wait: Duration) -> Result<OwnedSemaphorePermit> {
+        let kib = bytes.div_ceil(1024).max(1);
+        if kib > self.total_kib as u64 {
+            return Err(WorkerError::ResourceExhausted(format!(
+                "{}: a request needing {:.1} MiB of {} memory can never fit its budget of {:.1} MiB ({})",
+                self.owner,
+                bytes as f64 / MIB,
+                self.what,
+                self.total_bytes() as f64 / MIB,
+                self.flag
+            )));
+        }
+        match tokio::time::timeout(wait, self.sem.clone().acquire_many_owned(kib as u32)).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(WorkerError::Unavailable(format!("{}: shutting down", self.owner))),
+            Err(_) => Err(WorkerError::ResourceExhausted(format!(
+                "{}: {} memory is at its budget ({:.1} of {:.1} MiB in use, {}); waited {:?} for {:.1} MiB; retry later or on another replica",
+                self.owner,
+                self.what,
+                self.in_use_bytes() as f64 / MIB,
+                self.total_bytes() as f64 / MIB,
+                self.flag,
+                wait,
+                bytes as f64 / MIB
+            ))),
+        }
+    }
+}
+
+/// Concurrent streams (and unary calls) per peer connection.
+#[derive(Debug)]
+pub struct PeerStreams {
+    limit: usize,
+    owner: String,
+    peers: Mutex<HashMap<SocketAddr, Arc<Semaphore>>>,
+}
+
+/// One stream's slot; frees it when dropped.
+#[derive(Debug)]
+pub struct PeerSlot {
+    permit: Option<OwnedSemaphorePermit>,
+    sem: Arc<Semaphore>,
+    peer: SocketAddr,
+    owner: Arc<PeerStreams>,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if let Ok(mut m) = self.owner.peers.lock() {
+            // The map's handle and ours are the only ones: nobody waits, forget the peer.
+            let idle = m.get(&self.peer).is_some_and(|s| {
+                Arc::ptr_eq(s, &self.sem)
+                    && Arc::strong_count(&self.sem) <= 2
+                    && self.sem.available_permits() == self.owner.limit
+            });
+            if idle {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl PeerStreams {
+    pub fn new(limit: usize, owner: &str) -> Arc<Self> {
+        Arc::new(Self { limit: limit.max(1), owner: owner.to_string(), peers: Mutex::new(HashMap::new()) })
+    }
+
+    /// A slot for one stream from `peer`, waiting at most `wait` (no limit without a peer address).
+    pub async fn acquire(self: &Arc<Self>, peer: Option<SocketAddr>, wait: Duration) -> Result<Option<PeerSlot>> {
+        let Some(peer) = peer else { return Ok(None) };
+        let sem = {
+            let mut m = self.peers.lock().map_err(|_| WorkerError::Internal("peer table poisoned".into()))?;
+            m.entry(peer).or_insert_with(|| Arc::new(Semaphore::new(self.limit))).clone()
+        };
+        match tokio::time::timeout(wait, sem.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(Some(PeerSlot { permit: Some(p), sem, peer, owner: self.clone() })),
+            Ok(Err(_)) => Err(WorkerError::Unavailable(format!("{}: shutting down", self.owner))),
+            Err(_) => Err(WorkerError::ResourceExhausted(format!(
+                "{}: peer {peer} already has {} streams open (--max-streams-per-peer); waited {wait:?}; retry later",
+                self.owner, self.limit
+            ))),
+        }
+    }
+
+    /// Peers with at least one stream open.
+    pub fn peers(&self) -> usize {
+        self.peers.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cut {
+    cut: AtomicBool,
+    waker: AtomicWaker,
+}
+
+/// Every open connection of a server, so one can be cut.
+#[derive(Debug)]
+pub struct Connections {
+    max: usize,
+    open: AtomicUsize,
+    refused: AtomicU64,
+    cut_total: AtomicU64,
+    live: Mutex<HashMap<SocketAddr, Arc<Cut>>>,
+}
+
+impl Connections {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max: max.max(1),
+            open: AtomicUsize::new(0),
+            refused: AtomicU64::new(0),
+            cut_total: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections refused because `max` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Connections cut (peers that stopped reading).
+    pub fn cut_total(&self) -> u64 {
+        self.cut_total.load(Ordering::Relaxed)
+    }
+
+    /// Cut the connection from `peer`: its next read fails and the server drops it with every
+    /// stream on it. False when no such connection is open.
+    pub fn cut(&self, peer: SocketAddr) -> bool {
+        let c = self.live.lock().ok().and_then(|m| m.get(&peer).cloned());
+        match c {
+            Some(c) => {
+                if !c.cut.swap(true, Ordering::AcqRel) {
+                    self.cut_total.fetch_add(1, Ordering::Relaxed);
+                }
+                c.waker.wake();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Option<GuardedIo> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            if self.refused.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
+                warn!(%peer, max = self.max, "connection refused: the server has its maximum of connections open (--max-connections)");
+            }
+            return None;
+        }
+        let _ = stream.set_nodelay(true);
+        let cut = Arc::new(Cut::default());
+        if let Ok(mut m) = self.live.lock() {
+            m.insert(peer, cut.clone());
+        }
+        Some(GuardedIo { inner: stream, cut, peer, conns: self.clone() })
+    }
+}
+
+/// A TCP connection the server can cut (see [`Connections::cut`]).
+#[derive(Debug)]
+pub struct GuardedIo {
+    inner: TcpStream,
+    cut: Arc<Cut>,
+    peer: SocketAddr,
+    conns: Arc<Connections>,
+}
+
+impl Drop for GuardedIo {
+    fn drop(&mut self) {
+        self.conns.open.fetch_sub(1, Ordering::AcqRel);
+        if let Ok(mut m) = self.conns.live.lock() {
+            if m.get(&self.peer).is_some_and(|c| Arc::ptr_eq(c, &self.cut)) {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn cut_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "connection cut: the peer stopped reading its answers")
+}
+
+impl AsyncRead for GuardedIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        self.cut.waker.register(cx.waker());
+        if self.cut.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for GuardedIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.cut.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if self.cut.cut.load(Ordering::Acquire) {
+            return Poll::Ready(Err(cut_error()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl Connected for GuardedIo {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Accept connections from `listener` as [`GuardedIo`]s registered in `conns` (TCP_NODELAY set;
+/// beyond the maximum, new connections are closed at once). Accept errors (out of file
+/// descriptors) pause accepting briefly instead of spinning.
+pub fn incoming(listener: TcpListener, conns: Arc<Connections>) -> impl Stream<Item = io::Result<GuardedIo>> {
+    futures::stream::unfold((listener, conns), |(l, conns)| async move {
+        loop {
+            match l.accept().await {
+                Ok((s, peer)) => {
+                    if let Some(io) = conns.admit(s, peer) {
+                        return Some((Ok(io), (l, conns)));
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot accept a connection; pausing 50 ms");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn budget_waits_then_refuses_naming_the_flag() {
+        let b = Budget::new(1 << 20, "in-flight activation", "--max-inflight-mib", "worker w0");
+        let p = b.acquire(800 << 10, Duration::from_millis(10)).await.unwrap();
+        assert!(b.in_use_bytes() >= 800 << 10);
+        let e = b.acquire(400 << 10, Duration::from_millis(20)).await.unwrap_err().to_string();
+        assert!(e.contains("--max-inflight-mib") && e.contains("waited"), "{e}");
+        drop(p);
+        let _held = b.acquire(400 << 10, Duration::from_millis(10)).await.unwrap();
+        let e = b.acquire(2 << 20, Duration::from_secs(10)).await.unwrap_err().to_string();
+        assert!(e.contains("can never fit"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn peer_streams_are_limited_per_peer_and_forgotten_when_idle() {
+        let p = PeerStreams::new(2, "worker w0");
+        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:1001".parse().unwrap();
+        let s1 = p.acquire(Some(a), Duration::from_millis(5)).await.unwrap();
+        let _s2 = p.acquire(Some(a), Duration::from_millis(5)).await.unwrap();
+        let e = p.acquire(Some(a), Duration::from_millis(20)).await.unwrap_err().to_string();
+        assert!(e.contains("--max-streams-per-peer"), "{e}");
+        let _other = p.acquire(Some(b), Duration::from_millis(5)).await.unwrap();
+        drop(s1);
+        let _s3 = p.acquire(Some(a), Duration::from_millis(5)).await.unwrap();
+        drop((_s2, _s3, _other));
+        assert_eq!(p.peers(), 0, "idle peers are forgotten");
+        assert!(p.acquire(None, Duration::ZERO).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_cut_connection_fails_its_pending_read() {
+        use tokio::io::AsyncReadExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Connections::new(1);
+        let mut inc = Box::pin(incoming(l, conns.clone()));
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let mut io = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        assert_eq!(conns.open(), 1);
+        // At the maximum: the next connection is closed at once.
+        let mut c2 = TcpStream::connect(addr).await.unwrap();
+        let accept_more = tokio::time::timeout(Duration::from_millis(200), tokio_stream::StreamExt::next(&mut inc));
+        assert!(accept_more.await.is_err(), "no second connection is handed out");
+        let mut buf = [0u8; 1];
+        assert_eq!(c2.read(&mut buf).await.unwrap_or(0), 0, "refused connection is closed");
+        assert_eq!(conns.refused(), 1);
+        let peer = io.peer;
+        let reader = tokio::spawn(async move {
+            let mut b = [0u8; 1];
+            io.read(&mut b).await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(conns.cut(peer));
+        let r = reader.await.unwrap();
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(conns.open(), 0, "the dropped connection is forgotten");
+        assert_eq!(conns.cut_total(), 1);
+    }
+}
