@@ -6,6 +6,7 @@ pub mod error;
 pub mod keys;
 pub mod service;
 pub mod store;
+pub mod validate;
 
 pub use error::{CoordinatorError, Result};
 pub use service::{serve, CoordinatorConfig};

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use expertmesh_core::limits::MAX_ERROR_BYTES;
 use expertmesh_core::placement::{CapacitySpread, PlacementPolicy, PlacementRequest, WorkerCapacity};
 use expertmesh_core::ModelSpec;
 use expertmesh_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
@@ -57,6 +58,9 @@ pub struct CoordinatorConfig {
     pub expert_bytes: u64,
     /// This coordinator's address as others reach it (default: the bound address).
     pub advertise: String,
+    /// A member that does not report ready for a proposed plan within this is left out of the
+    /// next plans (for as long again), so it never blocks the others.
+    pub ready_timeout: Duration,
 }
 
 #[derive(Debug)]
@@ -67,6 +71,57 @@ struct Member {
     ready_epoch: u64,
     load: HashMap<(u32, u32), u64>,
     error: String,
+    /// The leader reached its health service at its address: only then may it hold experts.
+    verified: bool,
+    /// Why the last health check failed; when to check again; failures in a row.
+    check_error: String,
+    next_check: Instant,
+    check_failures: u32,
+    /// The registration itself is wrong (written to the store directly): never placed.
+    invalid: Option<String>,
+    /// Left out of plans until the instant, and why: it did not become ready in time, or
+    /// could not load its experts.
+    excluded: Option<(String, Instant)>,
+    /// Named by the pending plan and not ready for it since.
+    waiting_since: Option<Instant>,
+}
+
+impl Member {
+    fn new(info: WorkerInfo) -> Self {
+        let invalid = crate::validate::check_worker_info(&info).err();
+        Self {
+            info,
+            last_seen: Instant::now(),
+            ready_epoch: 0,
+            load: HashMap::new(),
+            error: String::new(),
+            verified: false,
+            check_error: String::new(),
+            next_check: Instant::now(),
+            check_failures: 0,
+            invalid,
+            excluded: None,
+            waiting_since: None,
+        }
+    }
+
+    /// Why the next plan leaves this member out, if it does.
+    fn left_out(&self) -> Option<String> {
+        if let Some(why) = &self.invalid {
+            return Some(format!("invalid registration: {why}"));
+        }
+        if let Some((why, _)) = &self.excluded {
+            return Some(why.clone());
+        }
+        if !self.verified {
+            return Some(if self.check_error.is_empty() {
+                "waiting for the leader's health check".to_string()
+            } else {
+                format!("the leader's health check failed: {}", self.check_error)
+            });
+        }
+        None
+    }
 }
 
 #[derive(Debug, Default)]
@@ -99,9 +154,37 @@ impl State {
         self.failed_for = None;
     }
 
-    /// Workers the next plan should place on: members not being drained, in id order.
+    /// Members the next plan may place on: not draining, registration valid, checked by the
+    /// leader, not left out for failing to become ready. In id order.
+    fn eligible(&self) -> Vec<&Member> {
+        self.members.values().filter(|m| !self.draining.contains(&m.info.worker_id) && m.left_out().is_none()).collect()
+    }
+
+    /// The committed plan names a worker that is gone, draining or left out: some experts may
+    /// have no live owner until the next plan commits.
+    fn degraded(&self) -> bool {
+        self.current.as_ref().is_some_and(|p| {
+            p.workers.iter().any(|w| {
+                self.draining.contains(&w.worker_id)
+                    || self.members.get(&w.worker_id).is_none_or(|m| m.info != *w || m.left_out().is_some())
+            })
+        })
+    }
+
+    /// Workers the next plan should place on. Degraded, the repair goes to members that have
+    /// already proven they load (ready for some epoch), so a member that never becomes ready
+    /// cannot hold it up; the others join in the plan after. If the proven members alone cannot
+    /// hold every expert, everyone eligible.
     fn desired(&self) -> Vec<WorkerInfo> {
-        self.members.values().filter(|m| !self.draining.contains(&m.info.worker_id)).map(|m| m.info.clone()).collect()
+        let all: Vec<WorkerInfo> = self.eligible().into_iter().map(|m| m.info.clone()).collect();
+        if self.degraded() {
+            let proven: Vec<WorkerInfo> =
+                self.eligible().into_iter().filter(|m| m.ready_epoch > 0).map(|m| m.info.clone()).collect();
+            if !proven.is_empty() && proven.len() < all.len() && self.failed_for.as_ref() != Some(&proven) {
+                return proven;
+            }
+        }
+        all
     }
 
     /// Whether the latest plan (pending, else committed) matches membership and lists every
@@ -131,6 +214,8 @@ pub struct CoordinatorCore {
     epoch_floor: AtomicU64,
     /// Suspects whose health check is in progress.
     checking: std::sync::Mutex<BTreeSet<String>>,
+    /// New members whose health check is in progress.
+    verifying: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl CoordinatorCore {
@@ -147,6 +232,7 @@ impl CoordinatorCore {
             is_leader: AtomicBool::new(false),
             epoch_floor: AtomicU64::new(0),
             checking: std::sync::Mutex::new(BTreeSet::new()),
+            verifying: std::sync::Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -180,20 +266,24 @@ impl CoordinatorCore {
         match (k, value) {
             (Key::Worker(id), Some(v)) => {
                 let Ok(info) = WorkerInfo::decode(v) else {
-                    warn!(key, "worker record does not decode; ignored");
+                    warn!(key = %expertmesh_core::limits::truncate_text(key, 200), "worker record does not decode; ignored");
                     return;
                 };
                 match st.members.get_mut(&id) {
                     Some(m) if m.info == info => m.last_seen = Instant::now(),
                     _ => {
-                        info!(worker = %id, address = %info.address, "worker joined");
-                        let m = Member {
-                            info,
-                            last_seen: Instant::now(),
-                            ready_epoch: 0,
-                            load: HashMap::new(),
-                            error: String::new(),
-                        };
+                        let mut m = Member::new(info);
+                        if m.info.worker_id != id {
+                            m.invalid = Some(format!("stored under id `{id}` but names itself `{}`", m.info.worker_id));
+                        }
+                        match &m.invalid {
+                            None => {
+                                info!(worker = %id, address = %m.info.address, "worker joined; checking its health before placing it")
+                            }
+                            Some(why) => {
+                                warn!(worker = %expertmesh_core::limits::truncate_text(&id, 200), error = %why, "worker joined with an invalid registration; it will not be placed")
+                            }
+                        }
                         st.members.insert(id, m);
                         st.touch();
                     }
@@ -204,14 +294,29 @@ impl CoordinatorCore {
                 st.touch();
             }
             (Key::Ready(epoch, id), Some(v)) => {
+                let mut touched = false;
+                let pending_epoch = State::epoch_of(&st.pending);
                 if let Some(m) = st.members.get_mut(&id) {
                     m.last_seen = Instant::now();
                     if v.is_empty() {
                         m.ready_epoch = m.ready_epoch.max(epoch);
                         m.error.clear();
+                        m.waiting_since = None;
+                        if m.excluded.take().is_some() {
+                            info!(worker = %id, epoch, "worker became ready after all; it may be placed again");
+                            touched = true;
+                        }
                     } else {
-                        m.error = String::from_utf8_lossy(v).into_owned();
+                        m.error = expertmesh_core::limits::truncate_text(&String::from_utf8_lossy(v), MAX_ERROR_BYTES);
+                        if m.excluded.is_none() && pending_epoch == epoch {
+                            let why = format!("cannot load its experts for placement epoch {epoch}: {}", m.error);
+                            m.excluded = Some((why, Instant::now() + self.cfg.ready_timeout));
+                            touched = true;
+                        }
                     }
+                }
+                if touched {
+                    st.touch();
                 }
             }
             (Key::Load(id), Some(v)) => {
@@ -260,8 +365,9 @@ impl CoordinatorCore {
                 if epoch != State::epoch_of(&st.current) {
                     if let Some(p) = st.plans.get(&epoch).cloned() {
                         for w in &p.workers {
-                            if let Some(m) = st.members.get_mut(&w.worker_id) {
+                            if let Some(m) = st.members.get_mut(&w.worker_id).filter(|m| m.info == *w) {
                                 m.ready_epoch = m.ready_epoch.max(epoch);
+                                m.verified = true;
                             }
                         }
                         if State::epoch_of(&st.pending) <= epoch {
@@ -295,13 +401,30 @@ impl CoordinatorCore {
         for kv in &kvs {
             self.apply(&mut st, &kv.key, Some(&kv.value));
         }
-        // Keep what only this process knows: loads reported over gRPC, last signs of life.
+        // Keep what only this process knows: loads reported over gRPC, last signs of life,
+        // health checks and exclusions. Members a plan names were checked by the leader that
+        // placed them.
+        let planned: BTreeSet<(String, String)> = [&st.current, &st.pending]
+            .into_iter()
+            .flatten()
+            .flat_map(|p| p.workers.iter().map(|w| (w.worker_id.clone(), w.address.clone())))
+            .collect();
         for (id, m) in st.members.iter_mut() {
-            if let Some(o) = old.members.get(id) {
+            if planned.contains(&(id.clone(), m.info.address.clone())) {
+                m.verified = true;
+            }
+            if let Some(o) = old.members.get(id).filter(|o| o.info == m.info) {
                 m.last_seen = o.last_seen;
                 if m.load.is_empty() {
                     m.load = o.load.clone();
                 }
+                m.verified |= o.verified;
+                m.check_error = o.check_error.clone();
+                m.next_check = o.next_check;
+                m.check_failures = o.check_failures;
+                m.excluded = o.excluded.clone().or(m.excluded.take());
+                m.waiting_since = o.waiting_since;
+                m.ready_epoch = m.ready_epoch.max(o.ready_epoch);
             }
         }
         st.changed_at = Some(old.changed_at.unwrap_or_else(Instant::now));
@@ -426,8 +549,9 @@ impl CoordinatorCore {
         Ok(None)
     }
 
-    /// Leader only: check workers a dispatcher could not reach, re-plan after membership
-    /// settles, commit a plan once all its workers are ready. Runs every `tick`.
+    /// Leader only: check the health of members never checked and of workers a dispatcher
+    /// could not reach; leave out members that do not become ready in time; re-plan after
+    /// membership settles; commit a plan once all its workers are ready. Runs every `tick`.
     async fn tick(self: &Arc<Self>) -> Result<()> {
         if !self.is_leader() {
             return Ok(());
@@ -440,6 +564,16 @@ impl CoordinatorCore {
                 tokio::spawn(self.clone().check_suspect(id.clone(), reporter.clone(), address));
             }
         }
+        let now = Instant::now();
+        for (id, m) in &st.members {
+            if !m.verified && m.invalid.is_none() && now >= m.next_check {
+                let fresh = self.verifying.lock().map(|mut c| c.insert(id.clone())).unwrap_or(false);
+                if fresh {
+                    tokio::spawn(self.clone().verify(id.clone(), m.info.clone()));
+                }
+            }
+        }
+        self.check_readiness(&mut st, now);
         let settled = st.changed_at.is_some_and(|t| t.elapsed() >= SETTLE);
         if settled && !st.plan_is_current() {
             let desired = st.desired();
@@ -468,13 +602,89 @@ impl CoordinatorCore {
         Ok(())
     }
 
+    /// Members the pending plan waits on: one not ready within `ready_timeout` is left out of
+    /// the next plans for as long again (then tried again), so it never holds the others up.
+    fn check_readiness(&self, st: &mut State, now: Instant) {
+        let pending: Option<(u64, Vec<String>)> =
+            st.pending.as_ref().map(|p| (p.epoch, p.workers.iter().map(|w| w.worker_id.clone()).collect()));
+        let mut touched = false;
+        for (id, m) in st.members.iter_mut() {
+            if let Some((_, until)) = &m.excluded {
+                if now >= *until {
+                    info!(worker = %id, "trying a worker left out of plans again");
+                    m.excluded = None;
+                    m.waiting_since = None;
+                    touched = true;
+                }
+            }
+            let waited_on = pending.as_ref().filter(|(e, ids)| ids.contains(id) && m.ready_epoch < *e);
+            let Some((epoch, _)) = waited_on else {
+                m.waiting_since = None;
+                continue;
+            };
+            let since = *m.waiting_since.get_or_insert(now);
+            if m.excluded.is_none() && now.duration_since(since) >= self.cfg.ready_timeout {
+                let why = format!(
+                    "did not report ready for placement epoch {epoch} within {:?} (--ready-timeout-ms){}",
+                    self.cfg.ready_timeout,
+                    if m.error.is_empty() { String::new() } else { format!(": {}", m.error) }
+                );
+                warn!(worker = %id, epoch, "worker not ready in time; planning around it");
+                m.excluded = Some((why, now + self.cfg.ready_timeout));
+                m.waiting_since = None;
+                touched = true;
+            }
+        }
+        if touched {
+            st.touch();
+        }
+    }
+
+    /// Check a new member's health service at its address before it may hold experts.
+    async fn verify(self: Arc<Self>, id: String, info: WorkerInfo) {
+        let r = expertmesh_proto::health_check(&info.address, expertmesh_proto::EXPERT_SERVICE, Duration::from_secs(1))
+            .await;
+        {
+            let mut st = self.state.lock().await;
+            let mut touched = false;
+            if let Some(m) = st.members.get_mut(&id).filter(|m| m.info == info) {
+                match r {
+                    Ok(()) => {
+                        info!(worker = %id, address = %info.address, "worker answers the leader's health check; it may hold experts");
+                        m.verified = true;
+                        m.check_error.clear();
+                        m.check_failures = 0;
+                        touched = true;
+                    }
+                    Err(e) => {
+                        m.check_failures = m.check_failures.saturating_add(1);
+                        let backoff = Duration::from_millis(250) * (1u32 << m.check_failures.min(4));
+                        m.next_check = Instant::now() + backoff;
+                        if m.check_failures >= 3 && m.check_error != e {
+                            warn!(worker = %id, address = %info.address, error = %e, "worker does not answer the leader's health check; it is not placed");
+                        }
+                        m.check_error = e;
+                    }
+                }
+            }
+            if touched {
+                st.touch();
+            }
+        }
+        if let Ok(mut v) = self.verifying.lock() {
+            v.remove(&id);
+        }
+    }
+
     /// A dispatcher could not reach `id`: ask the worker's health service ourselves; if it does
     /// not answer SERVING within a second, revoke its lease now (its keys go, the leader
     /// re-plans) instead of waiting up to a TTL for it to expire. A live worker that was wrongly
     /// removed finds its lease gone and registers again.
     async fn check_suspect(self: Arc<Self>, id: String, reporter: String, address: Option<String>) {
         let alive = match &address {
-            Some(a) => health_check(a, Duration::from_secs(1)).await,
+            Some(a) => expertmesh_proto::health_check(a, expertmesh_proto::EXPERT_SERVICE, Duration::from_secs(1))
+                .await
+                .is_ok(),
             None => true, // not a member (already gone): nothing to do
         };
         if !alive {
@@ -578,19 +788,9 @@ impl CoordinatorCore {
     }
 }
 
-/// Whether the gRPC health service at `address` answers SERVING within `limit`.
-async fn health_check(address: &str, limit: Duration) -> bool {
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
-    let url = format!("http://{address}");
-    let check = async {
-        let channel = tonic::transport::Endpoint::from_shared(url).ok()?.connect().await.ok()?;
-        let mut c = HealthClient::new(channel);
-        let r = c.check(HealthCheckRequest { service: String::new() }).await.ok()?;
-        Some(r.into_inner().status == ServingStatus::Serving as i32)
-    };
-    matches!(tokio::time::timeout(limit, check).await, Ok(Some(true)))
+/// Refuse an identifier argument that is empty, too long or not `[A-Za-z0-9._-]`.
+fn id_arg(rpc: &str, field: &str, v: &str) -> Result<(), Status> {
+    expertmesh_core::limits::check_id(field, v).map_err(|e| Status::invalid_argument(format!("{rpc}: {e}")))
 }
 
 /// The gRPC face of [`CoordinatorCore`].
@@ -606,15 +806,7 @@ impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let req = req.into_inner();
         let info = req.worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
-        if info.worker_id.is_empty() || info.address.is_empty() {
-            return Err(Status::invalid_argument("register: worker_id and address are required"));
-        }
-        if info.worker_id.contains('/') {
-            return Err(Status::invalid_argument(format!(
-                "register: worker_id `{}` contains `/`; use letters, digits, `-`, `_` or `.`",
-                info.worker_id
-            )));
-        }
+        crate::validate::check_worker_info(&info).map_err(|e| Status::invalid_argument(format!("register: {e}")))?;
         let c = &self.core;
         c.epoch_floor.fetch_max(req.epoch, Ordering::AcqRel);
         let key = c.keys.worker(&info.worker_id);
@@ -640,6 +832,7 @@ impl Coordinator for CoordinatorService {
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
         let r = req.into_inner();
+        id_arg("heartbeat", "worker_id", &r.worker_id)?;
         let c = &self.core;
         let known = match c.store.keep_alive(r.lease_id as LeaseId).await {
             Ok(alive) => alive,
@@ -662,6 +855,7 @@ impl Coordinator for CoordinatorService {
 
     async fn deregister(&self, req: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
         let r = req.into_inner();
+        id_arg("deregister", "worker_id", &r.worker_id)?;
         let c = &self.core;
         c.store.revoke(r.lease_id as LeaseId).await.map_err(Status::from)?;
         let mut st = c.state.lock().await;
@@ -719,7 +913,9 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn report_ready(&self, req: Request<ReportReadyRequest>) -> Result<Response<ReportReadyResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        id_arg("report_ready", "worker_id", &r.worker_id)?;
+        r.error = expertmesh_core::limits::truncate_text(&r.error, MAX_ERROR_BYTES);
         let c = &self.core;
         if !c.state.lock().await.members.contains_key(&r.worker_id) {
             return Err(Status::not_found(format!("worker {} is not registered", r.worker_id)));
@@ -738,6 +934,8 @@ impl Coordinator for CoordinatorService {
         // Statistics only: kept in this coordinator's memory, not written to the store.
         let r = req.into_inner();
         let c = &self.core;
+        crate::validate::check_load_report(&c.spec, &r)
+            .map_err(|e| Status::invalid_argument(format!("report_load: {e}")))?;
         let mut st = c.state.lock().await;
         c.apply(&mut st, &c.keys.load(&r.worker_id), Some(&r.encode_to_vec()));
         Ok(Response::new(ReportLoadResponse {}))
@@ -745,10 +943,11 @@ impl Coordinator for CoordinatorService {
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
         let r = req.into_inner();
+        id_arg("drain", "worker_id", &r.worker_id)?;
         let c = &self.core;
         let (known, others) = {
             let st = c.state.lock().await;
-            let others = st.members.keys().filter(|id| **id != r.worker_id && !st.draining.contains(*id)).count();
+            let others = st.eligible().iter().filter(|m| m.info.worker_id != r.worker_id).count();
             (st.members.keys().cloned().collect::<Vec<_>>(), others)
         };
         let wkey = c.keys.worker(&r.worker_id);
@@ -778,6 +977,8 @@ impl Coordinator for CoordinatorService {
         req: Request<ReportUnreachableRequest>,
     ) -> Result<Response<ReportUnreachableResponse>, Status> {
         let r = req.into_inner();
+        id_arg("report_unreachable", "worker_id", &r.worker_id)?;
+        id_arg("report_unreachable", "reporter", &r.reporter)?;
         let c = &self.core;
         let key = c.keys.suspect(&r.worker_id);
         if c.state.lock().await.members.contains_key(&r.worker_id) {
@@ -808,11 +1009,14 @@ impl Coordinator for CoordinatorService {
                 .map(|m| WorkerStatus {
                     info: Some(m.info.clone()),
                     experts_held: held(&m.info.worker_id),
-                    tokens_total: m.load.values().sum(),
+                    // Reports are a peer's numbers: sums saturate instead of wrapping.
+                    tokens_total: m.load.values().fold(0u64, |a, &t| a.saturating_add(t)),
                     ready_epoch: m.ready_epoch,
                     heartbeat_age_s: m.last_seen.elapsed().as_secs_f64(),
                     error: m.error.clone(),
                     draining: st.draining.contains(&m.info.worker_id),
+                    verified: m.verified,
+                    left_out: m.left_out().unwrap_or_default(),
                 })
                 .collect(),
             model_type: c.spec.model_type.clone(),
@@ -826,7 +1030,8 @@ impl Coordinator for CoordinatorService {
                 let mut sum: BTreeMap<(u32, u32), u64> = BTreeMap::new();
                 for m in st.members.values() {
                     for (k, t) in &m.load {
-                        *sum.entry(*k).or_default() += t;
+                        let e = sum.entry(*k).or_default();
+                        *e = e.saturating_add(*t);
                     }
                 }
                 sum.into_iter().map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens }).collect()
