@@ -16,8 +16,10 @@ use expertmesh_kernels::ExpertBackend;
 use expertmesh_proto::v1::{ClusterStatusRequest, DrainRequest};
 use expertmesh_worker::control::{connect_coordinator, ControlTarget};
 use expertmesh_worker::dispatcher::{Dispatcher, DispatcherConfig};
+use expertmesh_worker::limits::Limits;
 use expertmesh_worker::moe::{LocalMoe, MoeInput, MoeOutput};
 use expertmesh_worker::node::{connect_dispatcher, run_worker, StopSignals, WorkerConfig};
+use expertmesh_worker::service::AdmissionConfig;
 use expertmesh_worker::synth::{generate, write_safetensors, GenOptions, OwnedTensor};
 use expertmesh_worker::Checkpoint;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +91,7 @@ pub(crate) async fn coordinator(a: CoordinatorArgs) -> Result<()> {
         replicas: a.replicas,
         expert_bytes: spec.expert_params() * 4,
         advertise: a.advertise.unwrap_or_default(),
+        ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let ready = |addr| {
@@ -137,11 +140,25 @@ pub(crate) async fn worker(a: WorkerArgs) -> Result<()> {
         model: a.model,
         memory_bytes,
         tflops: 1.0,
-        max_message_bytes: a.max_message_mib << 20,
+        admission: AdmissionConfig {
+            limits: Limits {
+                max_message_bytes: a.max_message_mib << 20,
+                max_batch_tokens: a.max_batch_tokens.max(1),
+                max_stream_chunks: a.max_stream_chunks.max(1),
+            },
+            compute_budget_bytes: a.max_inflight_mib.max(1) << 20,
+            forward_budget_bytes: a.max_forward_inflight_mib.max(1) << 20,
+            max_streams_per_peer: a.max_streams_per_peer.max(1),
+            max_connections: a.max_connections.max(1),
+            admission_wait: Duration::from_millis(a.admission_wait_ms),
+            stall_timeout: Duration::from_millis(a.stall_timeout_ms.max(100)),
+        },
         dispatcher: DispatcherConfig {
             max_message_bytes: a.max_message_mib << 20,
             placement_wait: Duration::from_millis(a.placement_wait_ms),
-            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms),
+            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms.max(10)),
+            request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
+            hedge_min: Duration::from_millis(a.hedge_min_ms),
             ..Default::default()
         },
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
@@ -293,7 +310,12 @@ async fn cluster_dispatcher(
 
 pub(crate) async fn forward(a: ForwardArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
-    let ck = Arc::new(Checkpoint::open(&a.model)?);
+    if !a.entry.is_empty() {
+        return forward_entry(&a, wire).await;
+    }
+    let model =
+        a.model.clone().ok_or_else(|| anyhow!("give --model DIR (or --entry HOST:PORT for a running cluster)"))?;
+    let ck = Arc::new(Checkpoint::open(&model)?);
     let spec = ck.spec().clone();
     spec.check_moe_layer(a.layer)?;
     let (tokens, x, ids) = read_input(&a.input, spec.hidden)?;
@@ -306,7 +328,7 @@ pub(crate) async fn forward(a: ForwardArgs) -> Result<()> {
             }
             let stop = CancellationToken::new();
             let logs = scratch("expertmesh-forward-")?;
-            let (cluster, d) = cluster_dispatcher(&a.model, n, 1, logs.path(), stop.clone()).await?;
+            let (cluster, d) = cluster_dispatcher(&model, n, 1, logs.path(), stop.clone()).await?;
             let r = d.forward(inp, wire).await;
             stop.cancel();
             cluster.stop().await;
@@ -322,6 +344,55 @@ pub(crate) async fn forward(a: ForwardArgs) -> Result<()> {
         tokens,
         spec.hidden,
         spec.top_k
+    );
+    Ok(())
+}
+
+/// `forward --entry`: the layer through a running cluster's MoeLayer service, with failover
+/// over the entry workers (Forward is idempotent).
+async fn forward_entry(a: &ForwardArgs, wire: DType) -> Result<()> {
+    use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
+    use expertmesh_proto::v1::{DescribeRequest, ForwardRequest};
+    use expertmesh_worker::client::MoeClient;
+    use expertmesh_worker::wire::{dtype_to_proto, f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
+    let timeout = Duration::from_millis(a.timeout_ms.max(1));
+    let client = MoeClient::new(&a.entry, timeout, 256 << 20).map_err(|e| anyhow!("--entry: {e}"))?;
+    // The model's shape, from the first entry that answers.
+    let mut desc = None;
+    for e in &a.entry {
+        let ch =
+            tonic::transport::Endpoint::from_shared(format!("http://{e}"))?.connect_timeout(Duration::from_secs(3));
+        if let Ok(ch) = ch.connect().await {
+            if let Ok(d) = MoeLayerClient::new(ch).describe(DescribeRequest {}).await {
+                desc = Some(d.into_inner());
+                break;
+            }
+        }
+    }
+    let desc = desc.ok_or_else(|| anyhow!("no entry worker of {:?} answered Describe", a.entry))?;
+    let hidden = desc.hidden as usize;
+    let (tokens, x, ids) = read_input(&a.input, hidden)?;
+    let req = ForwardRequest {
+        layer: a.layer as u32,
+        hidden_states: Some(f32_tensor(&[tokens, hidden], &x)),
+        input_ids: ids.as_ref().map(|v| i64_tensor(&[tokens], v)),
+        wire_dtype: dtype_to_proto(wire),
+    };
+    let r = client.forward(req).await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?;
+    let (output, _) = tensor_to_f32(r.output.as_ref().ok_or_else(|| anyhow!("answer without output"))?, "output")?;
+    let (idx, ishape) =
+        tensor_to_i64(r.topk_indices.as_ref().ok_or_else(|| anyhow!("answer without topk_indices"))?, "topk_indices")?;
+    let (weights, _) =
+        tensor_to_f32(r.topk_weights.as_ref().ok_or_else(|| anyhow!("answer without topk_weights"))?, "topk_weights")?;
+    let k = ishape.get(1).copied().unwrap_or(0);
+    let routing =
+        expertmesh_core::gating::Routing { top_k: k, indices: idx.iter().map(|&v| v as u32).collect(), weights };
+    write_output(&a.output, hidden, &MoeOutput { output, routing, epoch: r.epoch })?;
+    println!(
+        "layer {}: {tokens} tokens -> {} through the cluster (placement epoch {}; output [{tokens}, {hidden}], top-{k})",
+        a.layer,
+        a.output.display(),
+        r.epoch
     );
     Ok(())
 }

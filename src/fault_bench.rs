@@ -29,6 +29,9 @@ use crate::BenchArgs;
 pub(crate) enum Fault {
     /// SIGKILL a worker.
     KillWorker,
+    /// SIGSTOP a worker for --outage-s, then SIGCONT (a frozen process: its connections stay
+    /// open and silent).
+    StopWorker,
     /// SIGKILL the leading coordinator (a standby takes over).
     KillCoordinator,
     /// SIGKILL etcd for --outage-s, then start it again.
@@ -206,6 +209,12 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        Fault::StopWorker => {
+            cluster.signal_worker(victim, "-STOP")?;
+            tokio::time::sleep(Duration::from_secs_f64(a.outage_s)).await;
+            cluster.signal_worker(victim, "-CONT")?;
+            Instant::now()
+        }
         Fault::StopEtcd => {
             etcd.kill().await;
             tokio::time::sleep(Duration::from_secs_f64(a.outage_s)).await;
@@ -264,7 +273,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     let recovery_s = (t_recovered - t_fault).as_secs_f64();
     let detected_s = detected.lock().ok().and_then(|d| *d).map(|d| d.saturating_duration_since(t_fault).as_secs_f64());
     let targets = match fault {
-        Fault::KillWorker if a.replicas >= 2 => serde_json::json!({
+        Fault::KillWorker | Fault::StopWorker if a.replicas >= 2 => serde_json::json!({
             "no_request_fails": failed == 0,
             "p99_during_recovery_under_3x_steady": p99_ratio.map(|r| r < 3.0),
         }),
@@ -296,6 +305,11 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         "worker_removed_after_s": if fault == Fault::KillWorker { detected_s } else { None },
         "recovery_after_removal_s": if fault == Fault::KillWorker { detected_s.map(|d| recovery_s - d) } else { None },
         "interruption_s": interruption,
+        "dispatcher": {
+            "hedges": d.stats().hedges.load(std::sync::atomic::Ordering::Relaxed),
+            "failed_sends": d.stats().failed_sends.load(std::sync::atomic::Ordering::Relaxed),
+            "cancelled_sends": d.stats().cancelled_sends.load(std::sync::atomic::Ordering::Relaxed),
+        },
         "epochs": {"before": epoch_before, "after": after_status.current_epoch},
         "leader": {"before": leader, "after": after_status.leader},
         "before": before,

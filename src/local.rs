@@ -158,6 +158,18 @@ impl LocalCluster {
         }
     }
 
+    /// Send `sig` (`-STOP`, `-CONT`...) to worker `i`.
+    pub(crate) fn signal_worker(&self, i: usize, sig: &str) -> Result<()> {
+        let n = self.coordinators.len();
+        let pid = self.children.get(n + i).and_then(|c| c.as_ref()).and_then(Child::id);
+        let pid = pid.ok_or_else(|| anyhow!("worker {i} is not running"))?;
+        let ok = std::process::Command::new("kill").arg(sig).arg(pid.to_string()).status()?.success();
+        if !ok {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
+    }
+
     /// Stop workers at once (SIGINT: the whole cluster is going, so there is nowhere to drain
     /// to), then the coordinators (SIGTERM); wait (bounded) for exit.
     pub(crate) async fn stop(mut self) {

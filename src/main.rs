@@ -120,6 +120,10 @@ pub(crate) struct CoordinatorArgs {
     /// Address workers and other coordinators reach this one at (default: the bound address).
     #[arg(long, env = env::ADVERTISE)]
     pub(crate) advertise: Option<String>,
+    /// A worker that does not report ready for a proposed placement within this is left out of
+    /// the next plans for as long again, so it never blocks re-planning for the others.
+    #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
+    pub(crate) ready_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -162,19 +166,52 @@ pub(crate) struct WorkerArgs {
     pub(crate) memory_gib: Option<f64>,
     #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
     pub(crate) max_message_mib: usize,
-    /// How long a MoeLayer request waits for a (newer) committed placement before UNAVAILABLE.
+    /// How long rows with no live owner wait for a (newer) committed placement before the
+    /// request fails UNAVAILABLE.
     #[arg(long, default_value_t = 20_000, env = env::PLACEMENT_WAIT_MS)]
     pub(crate) placement_wait_ms: u64,
-    /// A worker that answers nothing for this long is treated as failed (its rows are retried
-    /// on the owner a newer placement names).
-    #[arg(long, default_value_t = 30_000, env = env::RPC_TIMEOUT_MS)]
+    /// The longest a destination may stay silent before its stream is given up and it is
+    /// reported (rows with a live replica are hedged much sooner, after a budget learned from
+    /// the destination's own answers).
+    #[arg(long, default_value_t = 5_000, env = env::RPC_TIMEOUT_MS)]
     pub(crate) rpc_timeout_ms: u64,
+    /// Deadline of a MoeLayer.Forward whose caller sent no `grpc-timeout`.
+    #[arg(long, default_value_t = 30_000, env = env::REQUEST_TIMEOUT_MS)]
+    pub(crate) request_timeout_ms: u64,
+    /// Never hedge a silent destination's rows sooner than this after its last answer.
+    #[arg(long, default_value_t = 20, env = env::HEDGE_MIN_MS)]
+    pub(crate) hedge_min_ms: u64,
+    /// Most tokens in one MoeLayer.Forward; a Compute stream carries at most this x top-k rows.
+    #[arg(long, default_value_t = 65_536, env = env::MAX_BATCH_TOKENS)]
+    pub(crate) max_batch_tokens: usize,
+    /// Most chunks in one ExpertService.Compute stream.
+    #[arg(long, default_value_t = 65_536, env = env::MAX_STREAM_CHUNKS)]
+    pub(crate) max_stream_chunks: usize,
+    /// Budget of ExpertService activation bytes in flight (decoded, computed, encoded).
+    #[arg(long, default_value_t = 1024, env = env::MAX_INFLIGHT_MIB)]
+    pub(crate) max_inflight_mib: u64,
+    /// Budget of MoeLayer.Forward bytes in flight on this entry worker.
+    #[arg(long, default_value_t = 2048, env = env::MAX_FORWARD_INFLIGHT_MIB)]
+    pub(crate) max_forward_inflight_mib: u64,
+    /// Concurrent streams and calls per peer connection.
+    #[arg(long, default_value_t = 64, env = env::MAX_STREAMS_PER_PEER)]
+    pub(crate) max_streams_per_peer: usize,
+    /// Open connections; more are closed at once.
+    #[arg(long, default_value_t = 1024, env = env::MAX_CONNECTIONS)]
+    pub(crate) max_connections: usize,
+    /// How long a request waits for room under a budget before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1_000, env = env::ADMISSION_WAIT_MS)]
+    pub(crate) admission_wait_ms: u64,
+    /// A peer that does not read its answers for this long loses its connection.
+    #[arg(long, default_value_t = 10_000, env = env::STALL_TIMEOUT_MS)]
+    pub(crate) stall_timeout_ms: u64,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct ForwardArgs {
-    #[arg(long, env = env::MODEL)]
-    pub(crate) model: PathBuf,
+    /// Checkpoint directory (not needed with --entry).
+    #[arg(long, env = env::MODEL, required_unless_present = "entry")]
+    pub(crate) model: Option<PathBuf>,
     /// The model's own layer index.
     #[arg(long)]
     pub(crate) layer: usize,
@@ -185,8 +222,15 @@ pub(crate) struct ForwardArgs {
     #[arg(long)]
     pub(crate) output: PathBuf,
     /// Run across N worker processes of a local cluster (default: in this process).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "entry")]
     pub(crate) workers: Option<usize>,
+    /// Send the layer to a running cluster through these workers' MoeLayer service
+    /// (HOST:PORT, comma-separated); on UNAVAILABLE or a broken connection the next is tried.
+    #[arg(long, env = env::ENTRY, value_delimiter = ',')]
+    pub(crate) entry: Vec<String>,
+    /// With --entry: deadline of the whole call, retries included (sent as grpc-timeout).
+    #[arg(long, default_value_t = 30_000)]
+    pub(crate) timeout_ms: u64,
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
 }
@@ -268,7 +312,7 @@ pub(crate) struct BenchArgs {
     /// With --fault: seconds of steady traffic before the fault and after recovery.
     #[arg(long, default_value_t = 5.0)]
     pub(crate) steady_s: f64,
-    /// With --fault stop-etcd: how long etcd stays down.
+    /// With --fault stop-etcd or stop-worker: how long etcd stays down, or the worker frozen.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) outage_s: f64,
     /// With --fault: concurrent clients.
