@@ -573,7 +573,8 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
                 let i = w.info.clone().unwrap_or_default();
                 serde_json::json!({"worker_id": i.worker_id, "address": i.address, "node": i.node,
                     "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
-                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining})
+                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining,
+                    "verified": w.verified, "left_out": w.left_out})
             })
             .collect();
         println!(
@@ -602,6 +603,9 @@ pub(crate) async fn status(a: StatusArgs) -> Result<()> {
         );
         if w.draining {
             println!("      draining: its experts are moving to the other workers");
+        }
+        if !w.left_out.is_empty() {
+            println!("      not placed: {}", w.left_out);
         }
         if !w.error.is_empty() {
             println!("      error: {}", w.error);

@@ -1005,10 +1005,11 @@ impl Coordinator for CoordinatorService {
             pending_epoch: State::epoch_of(&st.pending),
             workers: st
                 .members
-                .values()
-                .map(|m| WorkerStatus {
-                    info: Some(m.info.clone()),
-                    experts_held: held(&m.info.worker_id),
+                .iter()
+                .map(|(id, m)| WorkerStatus {
+                    // Under the id it holds in the store (a record may name another).
+                    info: Some(WorkerInfo { worker_id: id.clone(), ..m.info.clone() }),
+                    experts_held: if m.info.worker_id == *id { held(id) } else { 0 },
                     // Reports are a peer's numbers: sums saturate instead of wrapping.
                     tokens_total: m.load.values().fold(0u64, |a, &t| a.saturating_add(t)),
                     ready_epoch: m.ready_epoch,

@@ -42,7 +42,8 @@ pub async fn health_check(address: &str, service: &str, limit: std::time::Durati
         .connect_timeout(limit)
         .timeout(limit);
     let check = async {
-        let channel = endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        let channel =
+            endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
         let r = HealthClient::new(channel)
             .check(HealthCheckRequest { service: service.to_string() })
             .await
@@ -56,4 +57,20 @@ pub async fn health_check(address: &str, service: &str, limit: std::time::Durati
         Ok(r) => r,
         Err(_) => Err(format!("{address} did not answer a health check within {limit:?}")),
     }
+}
+
+/// An error and its sources, `: `-separated ("transport error: tcp connect error: Connection
+/// refused (os error 111)"), for messages a person reads.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -27,14 +27,22 @@ impl Drop for Proc {
 
 /// Start `expertmesh ARGS` and wait for its `MARKER ... addr=...` line.
 pub fn spawn(args: &[&str], marker: &str, log: &Path) -> Proc {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    spawn_command(c, marker, log)
+}
+
+/// Start `cmd` (an `expertmesh` process, maybe wrapped, e.g. in `ip netns exec`) and wait for
+/// its `MARKER ... addr=...` line.
+pub fn spawn_command(mut cmd: Command, marker: &str, log: &Path) -> Proc {
     let logf = std::fs::File::create(log).unwrap();
-    let mut child = Command::new(BIN)
-        .args(args)
+    let what = format!("{cmd:?}");
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(logf))
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {BIN}: {e}"));
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
     let out = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     let marker = marker.to_string();
@@ -52,7 +60,7 @@ pub fn spawn(args: &[&str], marker: &str, log: &Path) -> Proc {
         Ok(addr) => Proc { child, addr, log: log.to_path_buf() },
         Err(_) => {
             let _ = child.kill();
-            panic!("{args:?} did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!("{what} did not become ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
         }
     }
 }
@@ -148,6 +156,16 @@ impl Cluster {
     /// Index of worker `id` in `workers`.
     pub fn worker_index(&self, id: &str) -> usize {
         self.workers.iter().position(|p| p.log.file_stem().is_some_and(|s| s == id)).expect("no such worker")
+    }
+
+    /// A failover MoeLayer client over workers `entries` (each call bounded by `deadline`).
+    pub fn moe_failover(
+        &self,
+        entries: &[usize],
+        deadline: Duration,
+    ) -> std::sync::Arc<expertmesh_worker::client::MoeClient> {
+        let addrs: Vec<String> = entries.iter().map(|&i| self.workers[i].addr.clone()).collect();
+        std::sync::Arc::new(expertmesh_worker::client::MoeClient::new(&addrs, deadline, 256 << 20).unwrap())
     }
 
     /// A MoeLayer client on worker `i`.

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +72,14 @@ pub struct TrafficReport {
     pub epochs: Vec<u64>,
     /// (when it finished, latency, epoch) of every correct answer.
     pub log: Vec<(std::time::Instant, std::time::Duration, u64)>,
+    /// Answers that were wrong (never acceptable).
+    pub wrong: u64,
+    /// Calls that did not end within their deadline plus a grace period.
+    pub hung: u64,
+    /// Status codes of the failures.
+    pub failure_codes: Vec<tonic::Code>,
+    /// Slowest call, answered or not.
+    pub max_latency: std::time::Duration,
 }
 
 impl TrafficReport {
@@ -97,6 +106,129 @@ impl TrafficReport {
         v.sort();
         (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.99).round() as usize])
     }
+
+    /// Correct answers finished in [from, to).
+    pub fn answered_between(&self, from: std::time::Instant, to: std::time::Instant) -> usize {
+        self.log.iter().filter(|(t, _, _)| *t >= from && *t < to).count()
+    }
+
+    /// Merge reports of several clients.
+    pub fn merge(reports: Vec<TrafficReport>) -> TrafficReport {
+        let mut all = TrafficReport::default();
+        for r in reports {
+            all.sent += r.sent;
+            all.correct += r.correct;
+            all.wrong += r.wrong;
+            all.hung += r.hung;
+            all.failures.extend(r.failures);
+            all.failure_codes.extend(r.failure_codes);
+            for e in r.epochs {
+                if !all.epochs.contains(&e) {
+                    all.epochs.push(e);
+                }
+            }
+            all.log.extend(r.log);
+            all.max_latency = all.max_latency.max(r.max_latency);
+        }
+        all.epochs.sort();
+        all.log.sort_by_key(|(t, _, _)| *t);
+        all
+    }
+}
+
+impl Default for TrafficReport {
+    fn default() -> Self {
+        Self {
+            sent: 0,
+            correct: 0,
+            failures: Vec::new(),
+            epochs: Vec::new(),
+            log: Vec::new(),
+            wrong: 0,
+            hung: 0,
+            failure_codes: Vec::new(),
+            max_latency: std::time::Duration::ZERO,
+        }
+    }
+}
+
+/// A client that loops over `cases` through the failover client `client` (entry workers tried
+/// in turn; each call bounded by the client's deadline) until `stop`, checking every answer
+/// against its float64 reference. A call that does not end within the deadline plus 2 s counts
+/// as hung.
+pub fn start_checked_traffic(
+    client: std::sync::Arc<expertmesh_worker::client::MoeClient>,
+    cases: std::sync::Arc<Vec<Case>>,
+    first: usize,
+    hidden: usize,
+    deadline: std::time::Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<TrafficReport> {
+    use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
+    use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+    tokio::spawn(async move {
+        let mut rep = TrafficReport::default();
+        let mut i = first;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let (layer, x, ids, want) = &cases[i % cases.len()];
+            i += 1;
+            let tokens = ids.len();
+            rep.sent += 1;
+            let req = ForwardRequest {
+                layer: *layer as u32,
+                hidden_states: Some(f32_tensor(&[tokens, hidden], x)),
+                input_ids: Some(i64_tensor(&[tokens], ids)),
+                wire_dtype: PDType::DtypeBf16 as i32,
+            };
+            let started = std::time::Instant::now();
+            let r = tokio::time::timeout(deadline + std::time::Duration::from_secs(2), client.forward(req)).await;
+            rep.max_latency = rep.max_latency.max(started.elapsed());
+            match r {
+                Err(_) => {
+                    rep.hung += 1;
+                    rep.failures.push(format!("request {}: no answer within {deadline:?} + 2 s", rep.sent));
+                }
+                Ok(Ok(r)) => {
+                    let (out, _) = tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
+                    let err = rel_l2_f32(&out, want);
+                    if err < 1e-2 {
+                        rep.correct += 1;
+                        rep.log.push((std::time::Instant::now(), started.elapsed(), r.epoch));
+                    } else {
+                        rep.wrong += 1;
+                        rep.failures.push(format!("request {}: WRONG answer, rel L2 {err}", rep.sent));
+                    }
+                    if rep.epochs.last() != Some(&r.epoch) {
+                        rep.epochs.push(r.epoch);
+                    }
+                }
+                Ok(Err(s)) => {
+                    rep.failure_codes.push(s.code());
+                    if rep.failures.len() < 1000 {
+                        rep.failures.push(format!("request {}: {:?}: {}", rep.sent, s.code(), s.message()));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        }
+        rep
+    })
+}
+
+/// Resident memory of a process, in bytes (from /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Whether a process still runs (not exited, not a zombie).
+pub fn alive(p: &mut cluster::Proc) -> bool {
+    p.child.try_wait().map(|s| s.is_none()).unwrap_or(false)
 }
 
 pub type Case = (usize, Vec<f32>, Vec<i64>, Vec<f64>);
@@ -123,7 +255,7 @@ pub fn start_traffic(
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
     use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
     tokio::spawn(async move {
-        let mut rep = TrafficReport { sent: 0, correct: 0, failures: Vec::new(), epochs: Vec::new(), log: Vec::new() };
+        let mut rep = TrafficReport::default();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let (layer, x, ids, want) = &cases[rep.sent as usize % cases.len()];
             let tokens = ids.len();
@@ -197,5 +329,77 @@ pub fn wait_status(
         }
         assert!(t.elapsed() < limit, "{what} not reached within {limit:?}; last status {:?}", try_status(addr));
         std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Figures of traffic around a fault that lasted [t_fault, t_heal): p99 of correct answers
+/// in the steady window before it and during it, answers per second in each, and the longest
+/// stretch with no correct answer during the fault.
+pub struct FaultFigures {
+    pub steady_p99: std::time::Duration,
+    pub during_p99: std::time::Duration,
+    pub steady_rate: f64,
+    pub during_rate: f64,
+    pub longest_gap: std::time::Duration,
+}
+
+impl FaultFigures {
+    pub fn new(
+        rep: &TrafficReport,
+        steady_from: std::time::Instant,
+        t_fault: std::time::Instant,
+        t_heal: std::time::Instant,
+    ) -> Self {
+        let rate = |a: std::time::Instant, b: std::time::Instant| {
+            rep.answered_between(a, b) as f64 / b.duration_since(a).as_secs_f64().max(1e-9)
+        };
+        let mut prev = t_fault;
+        let mut gap = std::time::Duration::ZERO;
+        for (t, _, _) in rep.log.iter().filter(|(t, _, _)| *t >= t_fault && *t < t_heal) {
+            gap = gap.max(t.duration_since(prev));
+            prev = *t;
+        }
+        gap = gap.max(t_heal.duration_since(prev));
+        Self {
+            steady_p99: rep.p99_between(steady_from, t_fault).expect("answers in the steady window"),
+            during_p99: rep.p99_between(t_fault, t_heal).expect("answers during the fault"),
+            steady_rate: rate(steady_from, t_fault),
+            during_rate: rate(t_fault, t_heal),
+            longest_gap: gap,
+        }
+    }
+
+    /// The issue's bar: nothing wrong, nothing hung, no failure, p99 during the fault under 3x
+    /// the steady p99.
+    pub fn assert_bar(&self, rep: &TrafficReport, what: &str, logs: impl FnOnce() -> String) {
+        println!(
+            "{what}: requests sent {}, answered correctly {}, wrong {}, hung {}, failed {}; \
+             steady p99 {:?} at {:.0} answers/s; during the fault p99 {:?} ({:.2}x) at {:.0} answers/s; \
+             longest stretch without an answer during the fault {:?}; slowest call {:?}; epochs {:?}",
+            rep.sent,
+            rep.correct,
+            rep.wrong,
+            rep.hung,
+            rep.failures.len(),
+            self.steady_p99,
+            self.steady_rate,
+            self.during_p99,
+            self.during_p99.as_secs_f64() / self.steady_p99.as_secs_f64(),
+            self.during_rate,
+            self.longest_gap,
+            rep.max_latency,
+            rep.epochs
+        );
+        assert_eq!(rep.wrong, 0, "no wrong answer: {:#?}", rep.failures);
+        assert_eq!(rep.hung, 0, "no call outlived its deadline: {:#?}", rep.failures);
+        if !rep.failures.is_empty() {
+            panic!("{what}: {} failures: {:#?}\n{}", rep.failures.len(), rep.failures, logs());
+        }
+        assert!(
+            self.during_p99 < self.steady_p99 * 3,
+            "{what}: p99 during the fault {:?} is not under 3x the steady p99 {:?}",
+            self.during_p99,
+            self.steady_p99
+        );
     }
 }

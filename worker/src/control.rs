@@ -115,10 +115,21 @@ pub struct GrpcControl {
 impl GrpcControl {
     pub async fn connect(addr: &str) -> Result<Self> {
         let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
-        let client = CoordinatorClient::connect(url)
+        // Every call ends within 5 s (a partitioned coordinator must not hang a lease renewal
+        // for TCP's retransmission time); pings find a dead connection. The placement watch is
+        // a stream: the timeout covers only its opening.
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| WorkerError::InvalidInput(format!("coordinator address `{addr}`: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect()
             .await
-            .map_err(|e| WorkerError::Unavailable(format!("coordinator {addr}: {e}")))?
-            .max_decoding_message_size(256 << 20);
+            .map_err(|e| WorkerError::Unavailable(format!("coordinator {addr}: {e}")))?;
+        let client = CoordinatorClient::new(channel).max_decoding_message_size(256 << 20);
         Ok(Self { client })
     }
 }
