@@ -355,7 +355,19 @@ fn init_tracing(cli: &Cli, default: &str) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    // A user error is one clear message (with its causes), never a stack trace, whatever
+    // RUST_BACKTRACE says.
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::Worker(_));
     init_tracing(&cli, if server { "info" } else { "warn" });
