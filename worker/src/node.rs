@@ -291,8 +291,8 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         u32::try_from(cfg.admission.max_streams_per_peer.saturating_mul(2).saturating_add(16)).unwrap_or(u32::MAX);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(2 << 20))
+        .initial_connection_window_size(Some(8 << 20))
         .max_concurrent_streams(Some(streams))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -258,7 +258,9 @@ impl ExpertService for ExpertServiceImpl {
         let deadline = grpc_deadline(req.metadata());
         let slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<ExpertResult, Status>>(2);
+        // An answer keeps its chunk's reservation until the transport takes it off this queue:
+        // answers a peer does not read stay inside the budget.
+        let (tx, rx) = tokio::sync::mpsc::channel::<(Result<ExpertResult, Status>, Option<OwnedSemaphorePermit>)>(2);
         let (qtx, mut qrx) = tokio::sync::mpsc::channel::<Queued>(2);
         let store = self.store.clone();
         let reader = {
@@ -292,7 +294,7 @@ impl ExpertService for ExpertServiceImpl {
         tokio::spawn(async move {
             let _slot = slot;
             while let Some(item) = qrx.recv().await {
-                let r = match item {
+                let (r, permit) = match item {
                     Ok((b, shape, permit)) => {
                         let r = if deadline.is_some_and(|d| Instant::now() >= d) {
                             Err(Status::deadline_exceeded(format!(
@@ -303,13 +305,12 @@ impl ExpertService for ExpertServiceImpl {
                         } else {
                             store.compute_chunk(b, shape).await.map_err(Status::from)
                         };
-                        drop(permit);
-                        r
+                        (r, Some(permit))
                     }
-                    Err(s) => Err(s),
+                    Err(s) => (Err(s), None),
                 };
                 let failed = r.is_err();
-                match tokio::time::timeout(adm.cfg.stall_timeout, tx.send(r)).await {
+                match tokio::time::timeout(adm.cfg.stall_timeout, tx.send((r, permit))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break, // the caller went away (cancelled, or a hedge won)
                     Err(_) => {
@@ -326,7 +327,8 @@ impl ExpertService for ExpertServiceImpl {
             }
             reader.abort();
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let answers = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(r, _reservation)| r);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn counters(&self, _: Request<CountersRequest>) -> Result<Response<CountersResponse>, Status> {
