@@ -75,8 +75,12 @@ pub fn truncate_text(text: &str, max: usize) -> String {
     format!("{}... ({} more bytes cut)", &text[..end], text.len() - end)
 }
 
-/// The product of `dims`, or None when it overflows `usize`.
+/// The product of `dims`, or None when it overflows `usize` (a zero dimension makes it 0,
+/// whatever the others are).
 pub fn checked_product(dims: &[u64]) -> Option<usize> {
+    if dims.contains(&0) {
+        return Some(0);
+    }
     dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
 }
 
@@ -129,6 +133,7 @@ mod tests {
         assert_eq!(checked_product(&[1 << 56, 256]), None);
         assert_eq!(checked_product(&[u64::MAX, 2]), None);
         assert_eq!(checked_product(&[u64::MAX, 0]), Some(0), "an empty tensor is empty");
+        assert_eq!(checked_product(&[1 << 31, 1 << 54, 0]), Some(0), "found by the fuzz target");
         assert_eq!(checked_bytes(1 << 62, 4), None);
     }
 
