@@ -117,6 +117,12 @@ async fn fault_under_traffic(fault: Fault, replicas: &str, etcd: Option<&Etcd>) 
         let log = std::fs::read_to_string(&cluster.coordinator.log).unwrap();
         assert!(log.contains("health check failed); lease revoked"), "{log}");
     }
+    if let (Fault::Freeze, "1") = (&fault, replicas) {
+        // Rows in flight to the frozen worker had nowhere else to go; the placement that removed
+        // it cancelled them and they went to their new owner.
+        let w0 = std::fs::read_to_string(&cluster.workers[0].log).unwrap();
+        assert!(w0.contains("placement removed a worker with rows in flight; cancelling"), "{w0}");
+    }
     assert!(rep.epochs.contains(&1) && rep.epochs.iter().any(|e| *e >= 2), "epochs {:?}", rep.epochs);
 }
 
@@ -198,4 +204,43 @@ async fn no_room_for_lost_experts_gives_a_clear_error_until_capacity_returns() {
         let (out, _) = expertmesh_worker::wire::tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
         assert!(rel_l2_f32(&out, &case.3) < 1e-2);
     }
+}
+
+/// A request never waits past its own deadline: with a frozen worker holding experts nobody else
+/// holds, a Forward with a 600 ms `grpc-timeout` ends by then (the transport's CANCELLED, or our
+/// DEADLINE_EXCEEDED naming the missing experts), instead of waiting for a re-plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_never_waits_past_its_deadline() {
+    use expertmesh_proto::v1::ForwardRequest;
+    use expertmesh_worker::wire::{f32_tensor, i64_tensor};
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 75);
+    let cluster = Cluster::start(dir.path(), 2, &[]);
+    wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
+    let mut c = cluster.moe_client(0).await;
+    let (x, ids) = random_input(&spec, 64, 5);
+    let req = || {
+        let mut r = tonic::Request::new(ForwardRequest {
+            layer: spec.moe_layers()[0] as u32,
+            hidden_states: Some(f32_tensor(&[64, spec.hidden], &x)),
+            input_ids: Some(i64_tensor(&[64], &ids)),
+            wire_dtype: 0,
+        });
+        r.set_timeout(Duration::from_millis(600));
+        r
+    };
+    c.forward(req()).await.expect("answered before the fault");
+    let pid = cluster.workers[1].child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    for _ in 0..3 {
+        let t = Instant::now();
+        let e = c.forward(req()).await.expect_err("w1's experts cannot be computed while it is frozen");
+        let took = t.elapsed();
+        println!("deadline 600 ms, frozen owner: {:?} after {took:?}: {}", e.code(), e.message());
+        assert!(matches!(e.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{e}");
+        if e.code() == tonic::Code::DeadlineExceeded {
+            assert!(e.message().contains("experts") && e.message().contains("deadline"), "{e}");
+        }
+        assert!(took < Duration::from_millis(900), "the call took {took:?}");
+    }
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
 }
