@@ -1,6 +1,7 @@
 //! `expertmesh bench` runs end to end and prints the JSON its docs describe. Timings are not
 //! asserted (tests never fail on timing); what is asserted holds on any machine: the bytes on the
-//! wire stay within 5% of the minimum, and a killed worker costs no request and moves the epoch.
+//! wire stay within 5% of the minimum, a killed worker costs no request and moves the epoch, and
+//! a frozen worker with replicas costs no request.
 
 mod common;
 
@@ -55,6 +56,38 @@ fn fault_bench_kill_worker_loses_nothing_and_replans() {
     assert_eq!(out["failed"], 0, "{out}");
     assert!(out["epochs"]["after"].as_u64() > out["epochs"]["before"].as_u64(), "{out}");
     assert!(out["interruption_s"].as_f64().is_some(), "an affected request was answered after the fault: {out}");
+    for w in ["before", "during", "after"] {
+        assert!(out[w]["answered"].as_u64().unwrap() > 0, "answers {w} the fault: {out}");
+    }
+}
+
+#[test]
+fn fault_bench_stop_worker_with_replicas_loses_nothing() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(128), ..Default::default() }, 93);
+    let m = dir.path().display().to_string();
+    let out = bench(&[
+        "--model",
+        &m,
+        "--fault",
+        "stop-worker",
+        "--replicas",
+        "2",
+        "--workers",
+        "3",
+        "--batches",
+        "32",
+        "--steady-s",
+        "1",
+        "--outage-s",
+        "3",
+        "--lease-ttl-ms",
+        "1500",
+    ]);
+    println!("{out}");
+    assert_eq!(out["fault"], "StopWorker");
+    assert_eq!(out["failed"], 0, "{out}");
+    assert!(out["recovery_s"].as_f64().unwrap() >= 3.0, "recovery counts from SIGSTOP to SIGCONT: {out}");
+    assert!(out["dispatcher"]["hedges"].as_u64().is_some(), "{out}");
     for w in ["before", "during", "after"] {
         assert!(out[w]["answered"].as_u64().unwrap() > 0, "answers {w} the fault: {out}");
     }
