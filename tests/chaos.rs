@@ -69,7 +69,7 @@ async fn chaos_run_nothing_wrong_nothing_hung() {
     let mut rng = SplitMix64::new(2026);
     let t0 = Instant::now();
     let at = |s: f64| t0 + Duration::from_secs_f64(s);
-    let mut restarts = vec![0usize; 4];
+    let mut restarts = [0usize; 4];
     let mut events = Vec::new();
     for (k, when) in [5.0, 12.0, 19.0, 33.0, 40.0, 47.0, 54.0].into_iter().enumerate() {
         tokio::time::sleep_until(at(when).into()).await;
