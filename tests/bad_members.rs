@@ -139,7 +139,7 @@ async fn bad_registrations_are_refused_and_silent_members_never_placed() {
     let e = c.report_load(bad_report).await.expect_err("expert out of range");
     assert!(e.message().contains("expert 9999"), "{e}");
     let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(15), "silent member checked", |s| {
-        worker_status(s, "silent").is_some_and(|w| w["left_out"].as_str().unwrap_or("").contains("health check"))
+        worker_status(s, "silent").is_some_and(|w| w["left_out"].as_str().unwrap_or("").contains("health check failed"))
     });
     let w = worker_status(&s, "silent").unwrap();
     println!("silent member: verified {}, left out: {}", w["verified"], w["left_out"]);
@@ -247,6 +247,26 @@ async fn members_written_to_etcd_directly_are_checked_too() {
     }
     // A record stored under another id than it names.
     store.put(&keys.worker("liar"), info("w0", "127.0.0.1:2").encode_to_vec(), Some(lease)).await.unwrap();
+    // Load reports written straight into the store are checked as the gRPC path checks them:
+    // counts that would wrap the sums saturate; an expert the model does not have is refused.
+    let l = spec.moe_layers()[0] as u32;
+    let load = |id: &str, entries: Vec<(u32, u64)>| LoadReport {
+        worker_id: id.into(),
+        epoch: 0,
+        experts: entries
+            .into_iter()
+            .map(|(expert, tokens)| expertmesh_proto::v1::ExpertLoad { layer: l, expert, tokens })
+            .collect(),
+    };
+    store
+        .put(
+            &keys.load("nobody"),
+            load("nobody", vec![(0, u64::MAX - 1), (1, u64::MAX - 1)]).encode_to_vec(),
+            Some(lease),
+        )
+        .await
+        .unwrap();
+    store.put(&keys.load("badaddr"), load("badaddr", vec![(9_999, 5)]).encode_to_vec(), Some(lease)).await.unwrap();
     let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(15), "bad members explained", |s| {
         ["badaddr", "nobody", "liar"]
             .iter()
@@ -258,6 +278,10 @@ async fn members_written_to_etcd_directly_are_checked_too() {
         println!("{id}: left out: {}", worker_status(&s, id).unwrap()["left_out"]);
     }
     assert!(worker_status(&s, "badaddr").unwrap()["left_out"].as_str().unwrap().contains("invalid registration"));
+    let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(10), "store load reports applied", |s| {
+        worker_status(s, "nobody").is_some_and(|w| w["tokens_total"].as_u64() == Some(u64::MAX))
+    });
+    assert_eq!(worker_status(&s, "badaddr").unwrap()["tokens_total"], 0, "an invalid load report is ignored");
     assert!(worker_status(&s, "liar").unwrap()["left_out"].as_str().unwrap().contains("names itself"));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut c = coordinator(&cluster.coordinator.addr).await;

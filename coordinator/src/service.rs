@@ -320,7 +320,10 @@ impl CoordinatorCore {
                 }
             }
             (Key::Load(id), Some(v)) => {
-                if let (Some(m), Ok(r)) = (st.members.get_mut(&id), LoadReport::decode(v)) {
+                // Written by the worker itself in store mode: checked as the gRPC path checks it.
+                let report =
+                    LoadReport::decode(v).ok().filter(|r| crate::validate::check_load_report(&self.spec, r).is_ok());
+                if let (Some(m), Some(r)) = (st.members.get_mut(&id), report) {
                     m.last_seen = Instant::now();
                     m.load = r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
                 }
@@ -333,7 +336,8 @@ impl CoordinatorCore {
                 st.draining.remove(&id);
             }
             (Key::Suspect(id), Some(v)) => {
-                st.suspects.insert(id, String::from_utf8_lossy(v).into_owned());
+                let reporter = expertmesh_core::limits::truncate_text(&String::from_utf8_lossy(v), 128);
+                st.suspects.insert(id, reporter);
             }
             (Key::Suspect(id), None) => {
                 st.suspects.remove(&id);

@@ -44,10 +44,15 @@ pub async fn health_check(address: &str, service: &str, limit: std::time::Durati
     let check = async {
         let channel =
             endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
-        let r = HealthClient::new(channel)
-            .check(HealthCheckRequest { service: service.to_string() })
-            .await
-            .map_err(|s| format!("health check of {address} failed: {}", s.message()))?;
+        let r = HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await.map_err(
+            |s| {
+                if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired") {
+                    format!("{address} did not answer a health check within {limit:?}")
+                } else {
+                    format!("health check of {address} failed: {}", s.message())
+                }
+            },
+        )?;
         match r.into_inner().status() {
             ServingStatus::Serving => Ok(()),
             other => Err(format!("{address} reports {other:?}")),
