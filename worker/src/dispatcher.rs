@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Result, WorkerError};
 use crate::health::{DestSnapshot, Health, HedgeConfig};
-use crate::moe::{combine, shared_expert, ExpertGroups, Frontend, MoeInput, MoeOutput};
+use crate::moe::{combine, shared_expert, Frontend, MoeInput, MoeOutput};
 use crate::wire::dtype_to_proto;
 
 /// The committed placement in the form the hot path reads.
@@ -336,19 +336,11 @@ impl Dispatcher {
             Some(t) => t,
             None => {
                 let until = deadline.min(arrived + self.cfg.placement_wait);
-                let groups = ExpertGroups::new(&routing, spec.n_routed);
-                let all: Vec<Segment> = groups
-                    .pairs
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(_, p)| !p.is_empty())
-                    .map(|(e, p)| (e as u32, p))
-                    .collect();
                 self.route_table_until(None, until).await.map_err(|e| {
                     if Instant::now() >= deadline {
                         late("waiting for a committed placement")
                     } else {
-                        missing(&all, layer, &e.to_string())
+                        missing_error(layer, routing.indices.clone(), &e.to_string())
                     }
                 })?
             }
@@ -622,12 +614,9 @@ impl<'a> Flight<'a> {
     async fn on_health_change(&mut self) -> Result<()> {
         // Sends to a destination that another request found silent or failed: fail over now.
         let now = Instant::now();
-        let moved: Vec<u64> = self
-            .sends
-            .iter()
-            .filter(|(_, s)| !s.hedged && self.d.health.is_suspect(&s.address))
-            .map(|(id, _)| *id)
-            .collect();
+        let suspect = self.d.health.suspects();
+        let moved: Vec<u64> =
+            self.sends.iter().filter(|(_, s)| !s.hedged && suspect.contains(&s.address)).map(|(id, _)| *id).collect();
         for id in moved {
             self.on_silent(id, now).await?;
         }
@@ -733,7 +722,8 @@ impl<'a> Flight<'a> {
                 self.last_error = Some(err.to_string());
                 self.bad.insert(s.address.clone());
                 let unfilled: Vec<u32> = s.pairs.iter().copied().filter(|&p| self.needs_route(p)).collect();
-                if unfilled.iter().all(|&p| self.has_live_replica(self.expert_of[p as usize])) {
+                let suspect = self.d.health.suspects();
+                if unfilled.iter().all(|&p| !self.live_replicas(self.expert_of[p as usize], &suspect).is_empty()) {
                     self.requeue_uncovered(&unfilled);
                 } else {
                     self.bad.remove(&s.address);
@@ -756,17 +746,20 @@ impl<'a> Flight<'a> {
         self.assign().await
     }
 
-    /// Whether expert `e` of this layer has a replica that is neither failed in this request
-    /// nor suspect.
-    fn has_live_replica(&self, e: u32) -> bool {
+    /// The replicas of expert `e` of this layer (worker indices) that neither failed in this
+    /// request nor are `suspect`.
+    fn live_replicas(&self, e: u32, suspect: &HashSet<String>) -> Vec<u32> {
         let t = &self.table;
-        t.layers.get(&(self.layer() as u32)).and_then(|l| l.get(e as usize)).is_some_and(|reps| {
-            reps.iter().any(|w| {
+        let reps = t.layers.get(&(self.layer() as u32)).and_then(|l| l.get(e as usize));
+        reps.into_iter()
+            .flatten()
+            .copied()
+            .filter(|w| {
                 t.workers
                     .get(*w as usize)
-                    .is_some_and(|i| !self.bad.contains(&i.address) && !self.d.health.is_suspect(&i.address))
+                    .is_some_and(|i| !self.bad.contains(&i.address) && !suspect.contains(&i.address))
             })
-        })
+            .collect()
     }
 
     /// Whether a pair still needs a new send: not filled, not carried by a live send, not queued.
@@ -824,24 +817,16 @@ impl<'a> Flight<'a> {
             }
             by_expert.entry(self.expert_of[p as usize]).or_default().push(p);
         }
+        let suspect = self.d.health.suspects();
         let mut dests: BTreeMap<u32, Vec<Segment>> = BTreeMap::new();
         for (e, mut pairs) in by_expert {
-            let reps = placed.get(e as usize).filter(|r| !r.is_empty()).ok_or_else(|| {
+            placed.get(e as usize).filter(|r| !r.is_empty()).ok_or_else(|| {
                 WorkerError::Unavailable(format!(
                     "placement epoch {} has no worker for layer {layer} expert {e}",
                     table.epoch
                 ))
             })?;
-            let live: Vec<u32> = reps
-                .iter()
-                .copied()
-                .filter(|w| {
-                    table
-                        .workers
-                        .get(*w as usize)
-                        .is_some_and(|i| !self.bad.contains(&i.address) && !self.d.health.is_suspect(&i.address))
-                })
-                .collect();
+            let live = self.live_replicas(e, &suspect);
             if live.is_empty() {
                 self.blocked.extend(pairs);
                 continue;
@@ -919,11 +904,7 @@ impl<'a> Flight<'a> {
     }
 
     fn missing_error(&self, why: &str) -> WorkerError {
-        WorkerError::Unavailable(format!(
-            "layer {} experts {:?} could not be computed: {why}; MoeLayer.Forward is idempotent, so retrying is safe",
-            self.layer(),
-            self.missing_experts()
-        ))
+        missing_error(self.layer(), self.missing_experts(), why)
     }
 
     fn deadline_error(&self) -> WorkerError {
@@ -1071,11 +1052,13 @@ async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, ev
     let _ = events.send(SendEvent::Done { send: id }).await;
 }
 
-fn missing(todo: &[(u32, Vec<u32>)], layer: usize, why: &str) -> WorkerError {
-    let mut experts: Vec<u32> = todo.iter().map(|s| s.0).collect();
-    experts.sort();
+/// UNAVAILABLE naming the layer and the (sorted, distinct) experts that could not be computed.
+fn missing_error(layer: usize, mut experts: Vec<u32>, why: &str) -> WorkerError {
+    experts.sort_unstable();
     experts.dedup();
-    WorkerError::Unavailable(format!("layer {layer} experts {experts:?} could not be computed: {why}"))
+    WorkerError::Unavailable(format!(
+        "layer {layer} experts {experts:?} could not be computed: {why}; MoeLayer.Forward is idempotent, so retrying is safe"
+    ))
 }
 
 /// A watch of route tables fed from a coordinator's committed placements.

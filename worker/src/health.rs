@@ -197,6 +197,14 @@ impl Health {
         est.budget(rows, &self.cfg)
     }
 
+    /// The destinations suspect now (one lock for a whole routing decision).
+    pub fn suspects(&self) -> HashSet<String> {
+        self.dests
+            .lock()
+            .map(|m| m.iter().filter(|(_, d)| d.suspect.is_some()).map(|(a, _)| a.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn is_suspect(&self, address: &str) -> bool {
         self.dests.lock().ok().is_some_and(|m| m.get(address).is_some_and(|d| d.suspect.is_some()))
     }

@@ -15,7 +15,7 @@ use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::moe_layer_server::MoeLayer;
 use expertmesh_proto::v1::{
     CountersRequest, CountersResponse, DescribeRequest, ExpertBatch, ExpertLoad, ExpertResult, ForwardRequest,
-    ForwardResponse, ModelDescription,
+    ForwardResponse, ModelDescription, Tensor,
 };
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_stream::{Stream, StreamExt};
@@ -351,13 +351,19 @@ pub fn forward_cost(spec: &ModelSpec, tokens: usize) -> u64 {
     (tokens as u64).saturating_mul(h).saturating_mul(4 * (k + 4) + 2 * k)
 }
 
-/// Decode a ForwardRequest into the dispatcher's input: every size is checked against the model
-/// and the limits before anything is allocated.
-pub fn forward_input(spec: &ModelSpec, limits: &Limits, r: &ForwardRequest) -> Result<(MoeInput, DType)> {
+/// The tokens of a Forward request and its `hidden_states`, present and [T, hidden] with T
+/// within the limit. No allocation.
+pub fn forward_tokens<'a>(spec: &ModelSpec, limits: &Limits, r: &'a ForwardRequest) -> Result<(usize, &'a Tensor)> {
     let hs = r.hidden_states.as_ref().ok_or_else(|| {
         WorkerError::InvalidInput("ForwardRequest.hidden_states is required (f32 [T, hidden])".into())
     })?;
-    let tokens = check_forward_shape(spec, limits, hs)?;
+    Ok((check_forward_shape(spec, limits, hs)?, hs))
+}
+
+/// Decode a ForwardRequest into the dispatcher's input: every size is checked against the model
+/// and the limits before anything is allocated.
+pub fn forward_input(spec: &ModelSpec, limits: &Limits, r: &ForwardRequest) -> Result<(MoeInput, DType)> {
+    let (tokens, hs) = forward_tokens(spec, limits, r)?;
     let (x, _) = tensor_to_f32(hs, "hidden_states")?;
     let ids = match &r.input_ids {
         Some(t) if !t.shape.is_empty() || !t.data.is_empty() => {
@@ -395,11 +401,7 @@ impl MoeLayer for MoeLayerImpl {
         let _slot = adm.peers.acquire(req.remote_addr(), adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let spec = self.dispatcher.spec().clone();
         let r = req.get_ref();
-        let hs = r
-            .hidden_states
-            .as_ref()
-            .ok_or_else(|| Status::invalid_argument("ForwardRequest.hidden_states is required (f32 [T, hidden])"))?;
-        let tokens = check_forward_shape(&spec, &adm.cfg.limits, hs)?;
+        let (tokens, _) = forward_tokens(&spec, &adm.cfg.limits, r)?;
         let _permit = adm
             .forward
             .acquire(forward_cost(&spec, tokens), adm.cfg.admission_wait)
