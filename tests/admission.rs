@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,11 +81,8 @@ async fn peers_that_never_read_are_bounded_and_cut() {
 
     // Legitimate traffic through worker 0's dispatcher, whose rows partly go to worker 1.
     let cases = Arc::new(traffic_cases(dir.path(), &spec, 16, 6));
-    let stop = Arc::new(AtomicBool::new(false));
     let client = cluster.moe_failover(&[0], Duration::from_secs(30));
-    let legit: Vec<_> = (0..2)
-        .map(|i| start_checked_traffic(client.clone(), cases.clone(), i, h, Duration::from_secs(30), stop.clone()))
-        .collect();
+    let legit = Streams::start(client, cases, 2, h, Duration::from_secs(30));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = rss_bytes(pid);
 
@@ -231,12 +227,7 @@ async fn peers_that_never_read_are_bounded_and_cut() {
         .all(|s| s.code() == tonic::Code::ResourceExhausted && s.message().contains("--max-streams-per-peer")));
     drop(open);
 
-    stop.store(true, Ordering::Relaxed);
-    let mut reps = Vec::new();
-    for l in legit {
-        reps.push(l.await.unwrap());
-    }
-    let rep = TrafficReport::merge(reps);
+    let rep = legit.finish().await;
     println!("legitimate traffic meanwhile: {}, slowest {:?}", rep.summary(), rep.max_latency);
     assert_eq!(rep.wrong, 0);
     assert_eq!(rep.hung, 0);

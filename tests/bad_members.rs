@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,25 +77,15 @@ fn start_clients(
     dir: &std::path::Path,
     spec: &expertmesh_core::ModelSpec,
     n: usize,
-) -> (Arc<AtomicBool>, Vec<tokio::task::JoinHandle<TrafficReport>>) {
+) -> Streams {
     let cases = Arc::new(traffic_cases(dir, spec, 24, 6));
-    let client = cluster.moe_failover(entries, Duration::from_secs(20));
-    let stop = Arc::new(AtomicBool::new(false));
-    let v = (0..n)
-        .map(|i| {
-            start_checked_traffic(client.clone(), cases.clone(), i, spec.hidden, Duration::from_secs(20), stop.clone())
-        })
-        .collect();
-    (stop, v)
-}
-
-async fn finish(stop: Arc<AtomicBool>, clients: Vec<tokio::task::JoinHandle<TrafficReport>>) -> TrafficReport {
-    stop.store(true, Ordering::Relaxed);
-    let mut v = Vec::new();
-    for c in clients {
-        v.push(c.await.unwrap());
-    }
-    TrafficReport::merge(v)
+    Streams::start(
+        cluster.moe_failover(entries, Duration::from_secs(20)),
+        cases,
+        n,
+        spec.hidden,
+        Duration::from_secs(20),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +93,7 @@ async fn bad_registrations_are_refused_and_silent_members_never_placed() {
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 91);
     let cluster = Cluster::start(dir.path(), 2, &[]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
-    let (stop, clients) = start_clients(&cluster, &[0, 1], dir.path(), &spec, 2);
+    let clients = start_clients(&cluster, &[0, 1], dir.path(), &spec, 2);
     let mut c = coordinator(&cluster.coordinator.addr).await;
     for (what, w, says) in [
         ("address that is not HOST:PORT", info("fake1", "not a host port"), "HOST:PORT"),
@@ -150,7 +139,7 @@ async fn bad_registrations_are_refused_and_silent_members_never_placed() {
     assert!(!workers.contains(&"silent".to_string()), "epoch {epoch} places an unchecked member: {workers:?}");
     hb.abort();
     drop(silent);
-    let rep = finish(stop, clients).await;
+    let rep = clients.finish().await;
     println!("traffic meanwhile: {}", rep.summary());
     rep.assert_all_correct(|| cluster.dump_logs());
     assert!(rep.correct > 0);
@@ -161,7 +150,7 @@ async fn a_member_that_never_becomes_ready_is_left_out_after_the_ready_timeout()
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 92);
     let cluster = Cluster::start(dir.path(), 2, &["--ready-timeout-ms", "3000"]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
-    let (stop, clients) = start_clients(&cluster, &[0, 1], dir.path(), &spec, 2);
+    let clients = start_clients(&cluster, &[0, 1], dir.path(), &spec, 2);
     let mut c = coordinator(&cluster.coordinator.addr).await;
     let (addr, server) = healthy_looking_server().await;
     let hb = register_and_heartbeat(&mut c, info("lazy", &addr)).await;
@@ -187,7 +176,7 @@ async fn a_member_that_never_becomes_ready_is_left_out_after_the_ready_timeout()
     assert!(!workers.contains(&"lazy".to_string()), "{workers:?}");
     hb.abort();
     server.abort();
-    let rep = finish(stop, clients).await;
+    let rep = clients.finish().await;
     println!("traffic meanwhile: {}", rep.summary());
     rep.assert_all_correct(|| cluster.dump_logs());
 }
@@ -198,7 +187,7 @@ async fn a_lost_worker_is_replaced_without_waiting_for_a_never_ready_member() {
     // A ready timeout far beyond the test: only the repair rule can explain a quick recovery.
     let mut cluster = Cluster::start(dir.path(), 3, &["--ready-timeout-ms", "120000", "--lease-ttl-ms", "2000"]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
-    let (stop, clients) = start_clients(&cluster, &[0, 1], dir.path(), &spec, 3);
+    let clients = start_clients(&cluster, &[0, 1], dir.path(), &spec, 3);
     let mut c = coordinator(&cluster.coordinator.addr).await;
     let (addr, server) = healthy_looking_server().await;
     let hb = register_and_heartbeat(&mut c, info("lazy", &addr)).await;
@@ -223,7 +212,7 @@ async fn a_lost_worker_is_replaced_without_waiting_for_a_never_ready_member() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     hb.abort();
     server.abort();
-    let rep = finish(stop, clients).await;
+    let rep = clients.finish().await;
     println!("traffic meanwhile: {}", rep.summary());
     rep.assert_all_correct(|| cluster.dump_logs());
 }
@@ -238,7 +227,7 @@ async fn members_written_to_etcd_directly_are_checked_too() {
     let mut cluster = Cluster::coordinator_only(dir.path(), 1, &["--store", &store_url]);
     cluster.add_store_worker("w0", &store_url, &[]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
-    let (stop, clients) = start_clients(&cluster, &[0], dir.path(), &spec, 2);
+    let clients = start_clients(&cluster, &[0], dir.path(), &spec, 2);
     let store = expertmesh_coordinator::store::open_store(&store_url).await.unwrap();
     let keys = ClusterKeys::new("default");
     let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
@@ -288,7 +277,7 @@ async fn members_written_to_etcd_directly_are_checked_too() {
     let (epoch, workers) = placed(&mut c).await;
     assert_eq!(workers, vec!["w0".to_string()], "epoch {epoch}");
     store.revoke(lease).await.unwrap();
-    let rep = finish(stop, clients).await;
+    let rep = clients.finish().await;
     println!("traffic meanwhile: {}", rep.summary());
     rep.assert_all_correct(|| cluster.dump_logs());
 }

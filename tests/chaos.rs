@@ -9,7 +9,6 @@
 mod common;
 
 use std::net::TcpListener;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,10 +57,7 @@ async fn chaos_run_nothing_wrong_nothing_hung() {
     let cases = Arc::new(traffic_cases(dir.path(), &spec, 24, 8));
     let deadline = Duration::from_secs(15);
     let client = Arc::new(expertmesh_worker::client::MoeClient::new(&waddrs, deadline, 256 << 20).unwrap());
-    let stop = Arc::new(AtomicBool::new(false));
-    let streams: Vec<_> = (0..6)
-        .map(|i| start_checked_traffic(client.clone(), cases.clone(), i, spec.hidden, deadline, stop.clone()))
-        .collect();
+    let streams = Streams::start(client, cases, 6, spec.hidden, deadline);
 
     // The schedule: a worker killed every 7 s and started again 2.5 s later (one down at a
     // time, so two replicas leave a live owner of every expert); the leader killed at 26 s and
@@ -95,12 +91,7 @@ async fn chaos_run_nothing_wrong_nothing_hung() {
         }
     }
     tokio::time::sleep_until(at(60.0).into()).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut reports = Vec::new();
-    for s in streams {
-        reports.push(s.await.unwrap());
-    }
-    let rep = TrafficReport::merge(reports);
+    let rep = streams.finish().await;
     let mut by_code = std::collections::BTreeMap::new();
     for c in &rep.failure_codes {
         *by_code.entry(format!("{c:?}")).or_insert(0) += 1;

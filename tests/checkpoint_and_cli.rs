@@ -116,22 +116,8 @@ fn forward_cli_in_process_and_on_workers_matches_reference() {
         .status()
         .unwrap();
     assert!(st.success());
-    let bytes = std::fs::read(&input).unwrap();
-    let inp = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let x: Vec<f32> = inp
-        .tensor("hidden_states")
-        .unwrap()
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    let ids: Vec<i64> = inp
-        .tensor("input_ids")
-        .unwrap()
-        .data()
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let x = read_f32(&input, "hidden_states");
+    let ids = read_i64(&input, "input_ids");
     for layer in [1usize, 4] {
         let r = reference(dir.path(), &spec, layer, &x, 21, Some(&ids));
         for (workers, wire, tol) in [(None, "bf16", 1e-5), (Some("3"), "bf16", 1e-2), (Some("2"), "f32", 1e-5)] {
@@ -157,13 +143,7 @@ fn forward_cli_in_process_and_on_workers_matches_reference() {
             assert!(o.status.success(), "forward failed: {}", String::from_utf8_lossy(&o.stderr));
             let ob = std::fs::read(&out).unwrap();
             let ot = safetensors::SafeTensors::deserialize(&ob).unwrap();
-            let y: Vec<f32> = ot
-                .tensor("output")
-                .unwrap()
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let y = read_f32(&out, "output");
             assert_eq!(ot.tensor("topk_indices").unwrap().shape(), &[21, spec.top_k]);
             assert_eq!(ot.tensor("topk_weights").unwrap().shape(), &[21, spec.top_k]);
             let err = rel_l2_f32(&y, &r.output);

@@ -260,31 +260,9 @@ async fn forward_through_entries_skips_a_dead_one() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         println!("{}", String::from_utf8_lossy(&o.stdout).trim());
-        let bytes = std::fs::read(&output).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let out: Vec<f32> = st
-            .tensor("output")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let ib = std::fs::read(&input).unwrap();
-        let inp = safetensors::SafeTensors::deserialize(&ib).unwrap();
-        let x: Vec<f32> = inp
-            .tensor("hidden_states")
-            .unwrap()
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let ids: Vec<i64> = inp
-            .tensor("input_ids")
-            .unwrap()
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let out = read_f32(&output, "output");
+        let x = read_f32(&input, "hidden_states");
+        let ids = read_i64(&input, "input_ids");
         let r = reference(dir.path(), &spec, spec.moe_layers()[1], &x, 12, Some(&ids));
         assert!(rel_l2_f32(&out, &r.output) < 1e-5);
     }

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,10 +28,7 @@ async fn frozen_worker_costs_requests_a_bounded_delay_with_replicas() {
     // Clients enter through the workers that stay up; 16 streams.
     let deadline = Duration::from_secs(10);
     let client = cluster.moe_failover(&[0, 1, 2], deadline);
-    let stop = Arc::new(AtomicBool::new(false));
-    let streams: Vec<_> = (0..16)
-        .map(|i| start_checked_traffic(client.clone(), cases.clone(), i, spec.hidden, deadline, stop.clone()))
-        .collect();
+    let streams = Streams::start(client, cases, 16, spec.hidden, deadline);
     let warm = Instant::now() + Duration::from_secs(1);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let t_fault = Instant::now();
@@ -50,12 +46,7 @@ async fn frozen_worker_costs_requests_a_bounded_delay_with_replicas() {
         back["current_epoch"]
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut reports = Vec::new();
-    for s in streams {
-        reports.push(s.await.unwrap());
-    }
-    let rep = TrafficReport::merge(reports);
+    let rep = streams.finish().await;
     let f = FaultFigures::new(&rep, warm, t_fault, t_thaw);
     f.assert_bar(&rep, "SIGSTOP w3 for 20 s, 2 replicas, 16 streams", || cluster.dump_logs());
     // Throughput held up: the three live workers carry the load.

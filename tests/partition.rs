@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,10 +44,7 @@ async fn partitioned_worker_costs_requests_a_bounded_delay_with_replicas() {
     let cases = Arc::new(traffic_cases(dir.path(), &spec, 32, 8));
     let deadline = Duration::from_secs(10);
     let client = cluster.moe_failover(&[0, 1, 2], deadline);
-    let stop = Arc::new(AtomicBool::new(false));
-    let streams: Vec<_> = (0..16)
-        .map(|i| start_checked_traffic(client.clone(), cases.clone(), i, spec.hidden, deadline, stop.clone()))
-        .collect();
+    let streams = Streams::start(client, cases, 16, spec.hidden, deadline);
     let warm = Instant::now() + Duration::from_secs(1);
     tokio::time::sleep(Duration::from_secs(6)).await;
     // w3 must have carried rows before the cut, or the test proves nothing.
@@ -75,12 +71,7 @@ async fn partitioned_worker_costs_requests_a_bounded_delay_with_replicas() {
         back["current_epoch"]
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut reports = Vec::new();
-    for s in streams {
-        reports.push(s.await.unwrap());
-    }
-    let rep = TrafficReport::merge(reports);
+    let rep = streams.finish().await;
     let f = FaultFigures::new(&rep, warm, t_cut, t_heal);
     f.assert_bar(&rep, "w3 partitioned for 15 s, 2 replicas, 16 streams", || cluster.dump_logs());
     assert!(f.longest_gap < Duration::from_secs(3), "no answer for {:?} during the partition", f.longest_gap);

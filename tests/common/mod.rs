@@ -108,6 +108,22 @@ impl TrafficReport {
         (!v.is_empty()).then(|| v[((v.len() - 1) as f64 * 0.99).round() as usize])
     }
 
+    /// Check one answer against its float64 reference and count it.
+    pub fn record(&mut self, r: &expertmesh_proto::v1::ForwardResponse, want: &[f64], started: std::time::Instant) {
+        let (out, _) = expertmesh_worker::wire::tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
+        let err = rel_l2_f32(&out, want);
+        if err < 1e-2 {
+            self.correct += 1;
+            self.log.push((std::time::Instant::now(), started.elapsed(), r.epoch));
+        } else {
+            self.wrong += 1;
+            self.failures.push(format!("request {}: WRONG answer, rel L2 {err}", self.sent));
+        }
+        if self.epochs.last() != Some(&r.epoch) {
+            self.epochs.push(r.epoch);
+        }
+    }
+
     /// Correct answers finished in [from, to).
     pub fn answered_between(&self, from: std::time::Instant, to: std::time::Instant) -> usize {
         self.log.iter().filter(|(t, _, _)| *t >= from && *t < to).count()
@@ -166,7 +182,7 @@ pub fn start_checked_traffic(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<TrafficReport> {
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
-    use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+    use expertmesh_worker::wire::{f32_tensor, i64_tensor};
     tokio::spawn(async move {
         let mut rep = TrafficReport::default();
         let mut i = first;
@@ -189,20 +205,7 @@ pub fn start_checked_traffic(
                     rep.hung += 1;
                     rep.failures.push(format!("request {}: no answer within {deadline:?} + 2 s", rep.sent));
                 }
-                Ok(Ok(r)) => {
-                    let (out, _) = tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
-                    let err = rel_l2_f32(&out, want);
-                    if err < 1e-2 {
-                        rep.correct += 1;
-                        rep.log.push((std::time::Instant::now(), started.elapsed(), r.epoch));
-                    } else {
-                        rep.wrong += 1;
-                        rep.failures.push(format!("request {}: WRONG answer, rel L2 {err}", rep.sent));
-                    }
-                    if rep.epochs.last() != Some(&r.epoch) {
-                        rep.epochs.push(r.epoch);
-                    }
-                }
+                Ok(Ok(r)) => rep.record(&r, want, started),
                 Ok(Err(s)) => {
                     rep.failure_codes.push(s.code());
                     if rep.failures.len() < 1000 {
@@ -214,6 +217,38 @@ pub fn start_checked_traffic(
         }
         rep
     })
+}
+
+/// `n` checked client streams through one failover client, until [`Streams::finish`].
+pub struct Streams {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<TrafficReport>>,
+}
+
+impl Streams {
+    pub fn start(
+        client: std::sync::Arc<expertmesh_worker::client::MoeClient>,
+        cases: std::sync::Arc<Vec<Case>>,
+        n: usize,
+        hidden: usize,
+        deadline: std::time::Duration,
+    ) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..n)
+            .map(|i| start_checked_traffic(client.clone(), cases.clone(), i, hidden, deadline, stop.clone()))
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stop every stream and merge what they saw.
+    pub async fn finish(self) -> TrafficReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut reports = Vec::new();
+        for t in self.tasks {
+            reports.push(t.await.unwrap());
+        }
+        TrafficReport::merge(reports)
+    }
 }
 
 /// Resident memory of a process, in bytes (from /proc).
@@ -254,7 +289,7 @@ pub fn start_traffic(
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<TrafficReport> {
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
-    use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+    use expertmesh_worker::wire::{f32_tensor, i64_tensor};
     tokio::spawn(async move {
         let mut rep = TrafficReport::default();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -271,20 +306,7 @@ pub fn start_traffic(
                 })
                 .await;
             match resp {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    let (out, _) = tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
-                    let err = rel_l2_f32(&out, want);
-                    if err < 1e-2 {
-                        rep.correct += 1;
-                        rep.log.push((std::time::Instant::now(), started.elapsed(), r.epoch));
-                    } else {
-                        rep.failures.push(format!("request {}: wrong answer, rel L2 {err}", rep.sent));
-                    }
-                    if rep.epochs.last() != Some(&r.epoch) {
-                        rep.epochs.push(r.epoch);
-                    }
-                }
+                Ok(r) => rep.record(r.get_ref(), want, started),
                 Err(e) => {
                     if rep.failures.len() < 1000 {
                         rep.failures.push(format!("request {}: {e}", rep.sent));
@@ -403,4 +425,20 @@ impl FaultFigures {
             self.steady_p99
         );
     }
+}
+
+/// The f32 tensor `name` of a safetensors file (panics, naming it, when it is not there).
+pub fn read_f32(path: &Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{} has no tensor `{name}`", path.display()));
+    t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// The i64 tensor `name` of a safetensors file.
+pub fn read_i64(path: &Path, name: &str) -> Vec<i64> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap_or_else(|_| panic!("{} has no tensor `{name}`", path.display()));
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
