@@ -38,10 +38,14 @@ impl LocalOptions {
     }
 }
 
-async fn spawn_ready(args: &[String], log: &Path, marker: &str) -> Result<(Child, String)> {
+async fn spawn_ready(args: &[String], log: &Path, marker: &str, threads: Option<usize>) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("locating the expertmesh binary")?;
     let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if let Some(n) = threads {
+        cmd.env("RAYON_NUM_THREADS", n.to_string());
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -110,12 +114,20 @@ impl LocalCluster {
                 ],
                 &log_dir.join(if i == 0 { "coordinator.log".to_string() } else { format!("coordinator-{i}.log") }),
                 "EXPERTMESH_COORDINATOR_READY",
+                None,
             )
             .await?;
             children.push(Some(c));
             coordinators.push(addr);
         }
         let mut addrs = Vec::new();
+        // Workers sharing one machine split its cores (unless RAYON_NUM_THREADS says otherwise):
+        // more compute threads than cores only adds context switches.
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = match std::env::var_os("RAYON_NUM_THREADS") {
+            Some(_) => None,
+            None => Some((cores / opts.workers.max(1)).max(1)),
+        };
         let starts = (0..opts.workers).map(|i| {
             let mut args: Vec<String> = vec![
                 "worker".into(),
@@ -133,7 +145,7 @@ impl LocalCluster {
                 args.extend(["--coordinator".into(), coordinators[0].clone()]);
             }
             let log = log_dir.join(format!("worker-{i}.log"));
-            async move { spawn_ready(&args, &log, "EXPERTMESH_WORKER_READY").await }
+            async move { spawn_ready(&args, &log, "EXPERTMESH_WORKER_READY", threads).await }
         });
         for r in futures_join(starts).await {
             let (c, a) = r?;

@@ -123,8 +123,16 @@ async fn bad_registrations_are_refused_and_silent_members_never_placed() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_addr = silent.local_addr().unwrap().to_string();
     let hb = register_and_heartbeat(&mut c, info("silent", &silent_addr)).await;
-    c.report_load(LoadReport { worker_id: "silent".into(), epoch: 0, experts: vec![huge(0), huge(1)] }).await.unwrap();
-    let bad_report = LoadReport { worker_id: "silent".into(), epoch: 0, experts: vec![huge(9_999)] };
+    c.report_load(LoadReport {
+        worker_id: "silent".into(),
+        epoch: 0,
+        experts: vec![huge(0), huge(1)],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let bad_report =
+        LoadReport { worker_id: "silent".into(), epoch: 0, experts: vec![huge(9_999)], ..Default::default() };
     let e = c.report_load(bad_report).await.expect_err("expert out of range");
     assert!(e.message().contains("expert 9999"), "{e}");
     let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(15), "silent member checked", |s| {
@@ -219,7 +227,7 @@ async fn a_lost_worker_is_replaced_without_waiting_for_a_never_ready_member() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_written_to_etcd_directly_are_checked_too() {
-    use expertmesh_coordinator::keys::ClusterKeys;
+    use expertmesh_cluster::keys::ClusterKeys;
     use prost::Message;
     let etcd = Etcd::start();
     let store_url = format!("etcd://{}", etcd.endpoint());
@@ -228,7 +236,7 @@ async fn members_written_to_etcd_directly_are_checked_too() {
     cluster.add_store_worker("w0", &store_url, &[]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
     let clients = start_clients(&cluster, &[0], dir.path(), &spec, 2);
-    let store = expertmesh_coordinator::store::open_store(&store_url).await.unwrap();
+    let store = expertmesh_cluster::store::open_store(&store_url).await.unwrap();
     let keys = ClusterKeys::new("default");
     let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     for w in [info("badaddr", "not a host port"), info("nobody", "127.0.0.1:1")] {
@@ -246,6 +254,7 @@ async fn members_written_to_etcd_directly_are_checked_too() {
             .into_iter()
             .map(|(expert, tokens)| expertmesh_proto::v1::ExpertLoad { layer: l, expert, tokens })
             .collect(),
+        ..Default::default()
     };
     store
         .put(

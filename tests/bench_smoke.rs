@@ -24,9 +24,15 @@ fn bench(args: &[&str]) -> serde_json::Value {
 fn throughput_bench_reports_both_paths_and_minimal_wire_bytes() {
     let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides { hidden: Some(128), ..Default::default() }, 91);
     let m = dir.path().display().to_string();
-    let out = bench(&["--model", &m, "--workers", "2", "--batches", "64", "--iters", "2"]);
-    let r = &out["results"][0];
+    let out = bench(&["--model", &m, "--workers", "2", "--batches", "1,64", "--iters", "2"]);
+    // Decode size: judged by p50 overhead over in-process; larger: by the throughput ratio.
+    let d = &out["results"][0];
+    assert_eq!(d["tokens_per_batch"], 1);
+    assert!(d["p50_overhead_ms"].is_f64() && d["target"]["p50_overhead_ms_at_most"] == 1.0, "{out}");
+    assert!(d["target"]["met"].is_boolean(), "{out}");
+    let r = &out["results"][1];
     assert_eq!(r["tokens_per_batch"], 64);
+    assert!(r["target"]["throughput_ratio_at_least"] == 0.9 && r["target"]["met"].is_boolean(), "{out}");
     assert!(r["distributed"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
     assert!(r["in_process"]["tokens_per_s"].as_f64().unwrap() > 0.0, "{out}");
     let wire = r["wire_ratio"].as_f64().unwrap();

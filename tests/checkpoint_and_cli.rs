@@ -9,8 +9,8 @@ use common::cluster::BIN;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::Checkpoint;
 use expertmesh_worker::synth::{write_safetensors, OwnedTensor};
-use expertmesh_worker::Checkpoint;
 
 /// Rewrite the shard holding `name` with `f` applied to its tensors.
 fn edit_tensor(dir: &std::path::Path, mut f: impl FnMut(&mut BTreeMap<String, OwnedTensor>)) {
@@ -52,17 +52,17 @@ fn checkpoint_errors_name_the_tensor_and_the_expectation() {
         }
     });
     let ck = Checkpoint::open(dir.path()).unwrap();
-    let e = ck.load_expert(l, 3).unwrap_err().to_string();
+    let e = ck.layer_weights(l, &[3]).unwrap_err().to_string();
     assert!(e.contains(&format!("tensor `{w1}` is missing")), "{e}");
-    let e = ck.load_expert(l, 4).unwrap_err().to_string();
+    let e = ck.layer_weights(l, &[4]).unwrap_err().to_string();
     assert!(e.contains(&w2) && e.contains("has shape [32, 64]; expected [64, 32]"), "{e}");
-    let e = ck.load_expert(l, 5).unwrap_err().to_string();
+    let e = ck.layer_weights(l, &[5]).unwrap_err().to_string();
     assert!(e.contains(&w3) && e.contains("dtype i32; expected a float dtype"), "{e}");
     // Other experts still load.
-    assert!(ck.load_expert(l, 6).is_ok());
-    let e = ck.load_expert(0, 0).unwrap_err().to_string();
+    assert!(ck.layer_weights(l, &[6]).is_ok());
+    let e = ck.layer_weights(0, &[0]).unwrap_err().to_string();
     assert!(e.contains("dense"), "{e}");
-    let e = ck.load_expert(l, 16).unwrap_err().to_string();
+    let e = ck.layer_weights(l, &[16]).unwrap_err().to_string();
     assert!(e.contains("expert 16 is out of range"), "{e}");
 
     // A truncated shard is refused when the checkpoint is opened, naming the tensor.
@@ -93,12 +93,12 @@ async fn single_file_checkpoint_without_index_loads_the_same() {
     write_safetensors(&dir.path().join("model.safetensors"), &all).unwrap();
     let ck = std::sync::Arc::new(Checkpoint::open(dir.path()).unwrap());
     let moe =
-        expertmesh_worker::moe::LocalMoe::new(ck, std::sync::Arc::new(expertmesh_kernels::cpu::CpuBackend::new()));
+        expertmesh_dispatcher::moe::LocalMoe::new(ck, std::sync::Arc::new(expertmesh_kernels::cpu::CpuBackend::new()));
     for layer in spec.moe_layers() {
         let (x, ids) = random_input(&spec, 17, layer as u64);
         let r = reference(dir.path(), &spec, layer, &x, 17, Some(&ids));
         let out = moe
-            .forward(expertmesh_worker::moe::MoeInput { layer, tokens: 17, hidden_states: x, input_ids: None })
+            .forward(expertmesh_dispatcher::moe::MoeInput { layer, tokens: 17, hidden_states: x, input_ids: None })
             .await
             .unwrap();
         assert!(rel_l2_f32(&out.output, &r.output) < 1e-5);
@@ -211,8 +211,8 @@ fn up_runs_a_bounded_demo_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_cannot_load_its_experts_is_reported_not_served_from() {
     use common::cluster::Cluster;
+    use expertmesh_dispatcher::wire::f32_tensor;
     use expertmesh_proto::v1::ForwardRequest;
-    use expertmesh_worker::wire::f32_tensor;
 
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 4);
     let l = spec.moe_layers()[0];
@@ -256,4 +256,109 @@ async fn a_worker_that_cannot_load_its_experts_is_reported_not_served_from() {
         .expect_err("no placement");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(err.message().contains("no placement committed"), "{}", err.message());
+}
+
+/// Regression: `forward --workers N` on a checkpoint a worker cannot load waited 20 s for a
+/// placement and blamed a generic cause; it now fails with the worker's own error, naming the
+/// missing tensor.
+#[test]
+fn forward_on_workers_names_a_workers_load_error() {
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 6);
+    let l = spec.moe_layers()[0];
+    let missing = spec.expert_weight_name(l, 2, expertmesh_core::Proj::Down);
+    let m2 = missing.clone();
+    edit_tensor(dir.path(), move |m| {
+        m.remove(&m2);
+    });
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in.safetensors");
+    let st = Command::new(BIN)
+        .args(["gen-input", "--model", dir.path().to_str().unwrap(), "--tokens", "3", "--out"])
+        .arg(&input)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = Command::new(BIN)
+        .args(["forward", "--model", dir.path().to_str().unwrap(), "--layer", &l.to_string(), "--workers", "2"])
+        .arg("--input")
+        .arg(&input)
+        .arg("--output")
+        .arg(work.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "forward succeeded on a checkpoint missing {missing}");
+    assert!(
+        err.contains("cannot load its experts") && err.contains(&format!("tensor `{missing}` is missing")),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+}
+
+/// `status` shows per worker the bytes its backend holds for experts: the checkpoint bytes of
+/// the experts it holds (weights and FP8 scales, in the stored dtype) within 5%.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_resident_expert_bytes_per_worker() {
+    use common::cluster::Cluster;
+    for dtype in [DType::BF16, DType::F8E4M3] {
+        let (dir, spec) = gen_model("tiny-v3", dtype, PresetOverrides::default(), 8);
+        let per_expert = Checkpoint::open(dir.path()).unwrap().expert_bytes(spec.moe_layers()[0]).unwrap();
+        let cluster = Cluster::start(dir.path(), 2, &[]);
+        let t = std::time::Instant::now();
+        let v = loop {
+            let v = status_json(&cluster.coordinator.addr);
+            let reported = v["workers"].as_array().unwrap().iter().all(|w| w["resident_bytes"].as_u64() > Some(0));
+            if v["current_epoch"] == 1 && reported {
+                break v;
+            }
+            assert!(t.elapsed().as_secs() < 30, "no load reports with resident bytes: {v}\n{}", cluster.dump_logs());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        for w in v["workers"].as_array().unwrap() {
+            let want = w["experts_held"].as_u64().unwrap() * per_expert;
+            let got = w["resident_bytes"].as_u64().unwrap();
+            println!("{} {}: resident {got} bytes, checkpoint {want}", dtype.name(), w["worker_id"]);
+            assert!(want > 0 && got.abs_diff(want) as f64 <= 0.05 * want as f64, "{}: {got} vs {want}", dtype.name());
+            assert!(w["rss_bytes"].as_u64().unwrap() > got, "process RSS holds at least the experts: {w}");
+        }
+        let o = Command::new(BIN).args(["status", "--coordinator", &cluster.coordinator.addr]).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains("KiB resident"), "{text}");
+    }
+}
+
+/// A worker's resident set after loading stays within 1.15x of the checkpoint bytes of the
+/// experts it holds, bf16 and FP8: weights are held in the stored dtype, and what loading
+/// allocates on the way is handed back (192 MiB of experts each, one worker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_rss_after_loading_is_close_to_the_checkpoint_bytes() {
+    use common::cluster::Cluster;
+    for (dtype, experts) in [(DType::BF16, 64), (DType::F8E4M3, 128)] {
+        let ov = PresetOverrides {
+            hidden: Some(1024),
+            ffn: Some(512),
+            experts: Some(experts),
+            layers: Some(2),
+            n_group: Some(1),
+            topk_group: Some(1),
+            ..Default::default()
+        };
+        let (dir, _) = gen_model("tiny-v3", dtype, ov, 12);
+        let cluster = Cluster::start(dir.path(), 1, &[]);
+        let t = std::time::Instant::now();
+        let w = loop {
+            let v = status_json(&cluster.coordinator.addr);
+            let w = v["workers"][0].clone();
+            if v["current_epoch"] == 1 && w["resident_bytes"].as_u64() > Some(0) {
+                break w;
+            }
+            assert!(t.elapsed().as_secs() < 60, "no load report: {v}\n{}", cluster.dump_logs());
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        let (resident, rss) = (w["resident_bytes"].as_u64().unwrap(), rss_bytes(cluster.workers[0].child.id()));
+        let ratio = rss as f64 / resident as f64;
+        println!("{}: experts {resident} bytes, worker RSS {rss} ({ratio:.3}x)", dtype.name());
+        assert!(resident >= 190 << 20, "{resident}");
+        assert!(ratio <= 1.15, "{}: worker RSS {rss} is {ratio:.3}x its experts' {resident} bytes", dtype.name());
+    }
 }

@@ -16,10 +16,10 @@ use common::corpus::{compute_cases, forward_cases};
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32};
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
 use expertmesh_proto::v1::{DType as PDType, ExpertBatch, ForwardRequest, Tensor};
-use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
 use tonic::transport::Channel;
 use tonic::Code;
 

@@ -1,6 +1,6 @@
 //! A local cluster of real processes (coordinator + 1..4 workers) answers MoeLayer.Forward with
 //! the float64 reference's result: rel L2 < 1e-2 with bf16 on the wire, < 1e-5 with f32; V3
-//! (groups; bf16 and FP8 checkpoints), V4 (hash layers, clamp), Mixtral and Qwen3; top-k 2..8.
+//! (groups; bf16 and FP8 checkpoints), V4 (hash layers, clamp), Mixtral, Qwen2 (gated shared expert) and Qwen3; top-k 2..8.
 //! Every routed pair is computed exactly once (worker counters against the gate's choices).
 
 mod common;
@@ -11,9 +11,9 @@ use common::cluster::Cluster;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest};
-use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
 
 async fn run_case(preset: &str, dtype: DType, ov: PresetOverrides, workers: usize, tokens: usize) {
     let (dir, spec) = gen_model(preset, dtype, ov, 11);
@@ -81,6 +81,11 @@ async fn v4_hash_layers_and_clamp() {
 async fn mixtral_top2_and_qwen3_top8() {
     run_case("tiny-mixtral", DType::BF16, PresetOverrides::default(), 3, 30).await;
     run_case("tiny-qwen3", DType::F32, PresetOverrides::default(), 4, 30).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qwen2_gated_shared_expert() {
+    run_case("tiny-qwen2", DType::BF16, PresetOverrides::default(), 3, 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

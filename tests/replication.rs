@@ -9,10 +9,10 @@ use common::cluster::Cluster;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32};
 use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest, GetPlacementRequest};
-use expertmesh_worker::wire::{f32_tensor, i64_tensor, tensor_to_f32};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_distinct_nodes_share_the_rows() {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::etcd::Etcd;
-use expertmesh_coordinator::store::{open_store, EmbeddedStore, MetadataStore, StoreEvent};
+use expertmesh_cluster::store::{open_store, EmbeddedStore, MetadataStore, StoreEvent};
 
 async fn next(rx: &mut tokio::sync::mpsc::Receiver<StoreEvent>) -> StoreEvent {
     tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("watch event in time").expect("watch open")

@@ -3,8 +3,8 @@ use thiserror::Error;
 /// Errors of the control plane.
 #[derive(Debug, Error)]
 pub enum CoordinatorError {
-    #[error("metadata store: {0}")]
-    Store(String),
+    #[error(transparent)]
+    Cluster(#[from] expertmesh_cluster::ClusterError),
     #[error("{0}")]
     InvalidInput(String),
     #[error(transparent)]
@@ -21,6 +21,7 @@ impl From<CoordinatorError> for tonic::Status {
     fn from(e: CoordinatorError) -> Self {
         match e {
             CoordinatorError::InvalidInput(_) => tonic::Status::invalid_argument(e.to_string()),
+            CoordinatorError::Cluster(e) => tonic::Status::from(e),
             _ => tonic::Status::internal(e.to_string()),
         }
     }

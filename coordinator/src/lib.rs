@@ -1,12 +1,10 @@
 //! ExpertMesh control plane: membership (workers' keys under their leases), leader election,
 //! placement epochs (propose, workers load and report ready, commit), drains, load statistics
-//! and cluster status, all kept in a [`store::MetadataStore`] (embedded, or a real etcd).
+//! and cluster status, all kept in the metadata store of `expertmesh-cluster` (embedded, or a
+//! real etcd).
 
 pub mod error;
-pub mod keys;
 pub mod service;
-pub mod store;
-pub mod validate;
 
 pub use error::{CoordinatorError, Result};
 pub use service::{serve, CoordinatorConfig};

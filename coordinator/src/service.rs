@@ -32,8 +32,9 @@ use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
 use crate::error::{CoordinatorError, Result};
-use crate::keys::{parse_epoch, ClusterKeys, Key};
-use crate::store::{open_store, LeaseId, MetadataStore};
+use expertmesh_cluster::keys::{parse_epoch, ClusterKeys, Key};
+use expertmesh_cluster::store::{open_store, LeaseId, MetadataStore};
+use expertmesh_cluster::watch::{watch_prefix, WatchEvent, WatchOptions};
 
 /// Membership must be quiet this long before the leader re-plans: a node's workers join (or die)
 /// together, and one plan for all of them beats one per worker.
@@ -70,6 +71,9 @@ struct Member {
     last_seen: Instant,
     ready_epoch: u64,
     load: HashMap<(u32, u32), u64>,
+    /// From the last load report: bytes held for routed experts; process RSS.
+    resident_bytes: u64,
+    rss_bytes: u64,
     error: String,
     /// The leader reached its health service at its address: only then may it hold experts.
     verified: bool,
@@ -88,12 +92,14 @@ struct Member {
 
 impl Member {
     fn new(info: WorkerInfo) -> Self {
-        let invalid = crate::validate::check_worker_info(&info).err();
+        let invalid = expertmesh_cluster::validate::check_worker_info(&info).err();
         Self {
             info,
             last_seen: Instant::now(),
             ready_epoch: 0,
             load: HashMap::new(),
+            resident_bytes: 0,
+            rss_bytes: 0,
             error: String::new(),
             verified: false,
             check_error: String::new(),
@@ -321,11 +327,13 @@ impl CoordinatorCore {
             }
             (Key::Load(id), Some(v)) => {
                 // Written by the worker itself in store mode: checked as the gRPC path checks it.
-                let report =
-                    LoadReport::decode(v).ok().filter(|r| crate::validate::check_load_report(&self.spec, r).is_ok());
+                let report = LoadReport::decode(v)
+                    .ok()
+                    .filter(|r| expertmesh_cluster::validate::check_load_report(&self.spec, r).is_ok());
                 if let (Some(m), Some(r)) = (st.members.get_mut(&id), report) {
                     m.last_seen = Instant::now();
                     m.load = r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
+                    (m.resident_bytes, m.rss_bytes) = (r.resident_bytes, r.rss_bytes);
                 }
             }
             (Key::Drain(id), Some(_)) if st.draining.insert(id.clone()) => {
@@ -387,10 +395,17 @@ impl CoordinatorCore {
         }
     }
 
-    /// Rebuild the mirror from a full listing; returns the revision to watch from. A coordinator
+    /// Rebuild the mirror from a full listing; returns the listing's revision. A coordinator
     /// restarted against the same store resumes where the last one stopped, without re-planning.
     pub async fn resync(&self) -> Result<u64> {
-        let (mut kvs, rev) = self.store.list(self.keys.root()).await?;
+        let (kvs, rev) = self.store.list(self.keys.root()).await?;
+        self.rebuild(kvs).await;
+        debug!(revision = rev, "mirrored the store");
+        Ok(rev)
+    }
+
+    /// Rebuild the mirror from every key of the cluster, keeping what only this process knows.
+    async fn rebuild(&self, mut kvs: Vec<expertmesh_cluster::store::KeyValue>) {
         // Plans before the pointers to them; members before their ready markers and loads.
         let rank = |k: &str| match self.keys.parse(k) {
             Some(Key::Plan(_)) => 0,
@@ -432,7 +447,6 @@ impl CoordinatorCore {
             }
         }
         st.changed_at = Some(old.changed_at.unwrap_or_else(Instant::now));
-        debug!(revision = rev, keys = kvs.len(), "mirrored the store");
         if old.current.as_ref().map(|p| p.epoch) != st.current.as_ref().map(|p| p.epoch) {
             info!(
                 workers = st.members.len(),
@@ -441,51 +455,47 @@ impl CoordinatorCore {
                 "coordinator state read from the store"
             );
         }
-        Ok(rev)
     }
 
-    /// Mirror the store until `shutdown`: list, watch from the listed revision, apply every
-    /// change; list again when the watch ends (store restarted, connection lost, compaction).
+    /// Mirror the store until `shutdown`: one snapshot, then every change (the watch catches up
+    /// by itself after an outage and sends only what changed meanwhile).
     async fn mirror(self: Arc<Self>, shutdown: CancellationToken) {
         let mut failing = false;
-        loop {
-            let watched = async {
-                let rev = self.resync().await?;
-                self.store.watch(self.keys.root(), rev).await
-            };
-            match watched.await {
-                Ok(mut rx) => {
-                    if failing {
-                        info!("metadata store reachable again; state reconciled");
-                        failing = false;
-                    }
-                    // Belt and braces against a watch that hangs without closing.
-                    let resync_at = tokio::time::sleep(Duration::from_secs(30));
-                    tokio::pin!(resync_at);
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = &mut resync_at => break,
-                            ev = rx.recv() => match ev {
-                                Some(ev) => {
-                                    let mut st = self.state.lock().await;
-                                    self.apply(&mut st, &ev.key, ev.value.as_deref());
-                                }
-                                None => break,
-                            },
-                        }
-                    }
+        let mut rx = loop {
+            match watch_prefix(self.store.clone(), self.keys.root(), WatchOptions::default()).await {
+                Ok((kvs, rx)) => {
+                    self.rebuild(kvs).await;
+                    break rx;
                 }
                 Err(e) => {
                     if !failing {
                         warn!(error = %e, "cannot read the metadata store; serving the last known state and retrying");
                         failing = true;
                     }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    }
                 }
             }
+        };
+        if failing {
+            info!("metadata store reachable again; state reconciled");
+        }
+        loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                ev = rx.recv() => match ev {
+                    Some(WatchEvent::Change(ev)) => {
+                        let mut st = self.state.lock().await;
+                        self.apply(&mut st, &ev.key, ev.value.as_deref());
+                    }
+                    Some(WatchEvent::Lost(e)) => {
+                        warn!(error = %e, "cannot read the metadata store; serving the last known state and retrying");
+                    }
+                    Some(WatchEvent::Restored) => info!("metadata store reachable again; state reconciled"),
+                    None => return,
+                },
             }
         }
     }
@@ -774,9 +784,9 @@ impl CoordinatorCore {
         // Written once: a second leader racing for the same epoch loses here.
         let bytes = msg.encode_to_vec();
         if self.store.put_if(&self.keys.plan(epoch), bytes.clone(), 0, None).await?.is_none() {
-            return Err(CoordinatorError::Store(format!(
+            return Err(CoordinatorError::Cluster(expertmesh_cluster::ClusterError::Store(format!(
                 "placement epoch {epoch} already exists in the store: another coordinator is writing to this cluster"
-            )));
+            ))));
         }
         self.store.put(&self.keys.pending(), epoch.to_string().into_bytes(), None).await?;
         info!(
@@ -810,7 +820,8 @@ impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
         let req = req.into_inner();
         let info = req.worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
-        crate::validate::check_worker_info(&info).map_err(|e| Status::invalid_argument(format!("register: {e}")))?;
+        expertmesh_cluster::validate::check_worker_info(&info)
+            .map_err(|e| Status::invalid_argument(format!("register: {e}")))?;
         let c = &self.core;
         c.epoch_floor.fetch_max(req.epoch, Ordering::AcqRel);
         let key = c.keys.worker(&info.worker_id);
@@ -938,7 +949,7 @@ impl Coordinator for CoordinatorService {
         // Statistics only: kept in this coordinator's memory, not written to the store.
         let r = req.into_inner();
         let c = &self.core;
-        crate::validate::check_load_report(&c.spec, &r)
+        expertmesh_cluster::validate::check_load_report(&c.spec, &r)
             .map_err(|e| Status::invalid_argument(format!("report_load: {e}")))?;
         let mut st = c.state.lock().await;
         c.apply(&mut st, &c.keys.load(&r.worker_id), Some(&r.encode_to_vec()));
@@ -1022,6 +1033,8 @@ impl Coordinator for CoordinatorService {
                     draining: st.draining.contains(&m.info.worker_id),
                     verified: m.verified,
                     left_out: m.left_out().unwrap_or_default(),
+                    resident_bytes: m.resident_bytes,
+                    rss_bytes: m.rss_bytes,
                 })
                 .collect(),
             model_type: c.spec.model_type.clone(),

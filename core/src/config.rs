@@ -1,5 +1,5 @@
 //! The model spec: what ExpertMesh needs to know of a MoE model, read from its upstream
-//! `config.json` (DeepSeek V3, DeepSeek V4, Mixtral, Qwen3-MoE), plus presets with the real
+//! `config.json` (DeepSeek V3, DeepSeek V4, Mixtral, Qwen2-MoE, Qwen3-MoE), plus presets with the real
 //! shapes and the checkpoint's tensor names.
 
 use serde_json::{json, Value};
@@ -17,6 +17,10 @@ pub enum Family {
     DeepseekV4,
     /// `mixtral`: softmax top-k, `model.layers.{L}.block_sparse_moe.*`, no shared expert.
     Mixtral,
+    /// `qwen2_moe`: softmax top-k, `model.layers.{L}.mlp.*`, one shared expert
+    /// (`mlp.shared_expert.*`, its own intermediate size) scaled per token by
+    /// sigmoid(x . `mlp.shared_expert_gate.weight`).
+    Qwen2Moe,
     /// `qwen3_moe`: softmax top-k, `model.layers.{L}.mlp.*`, no shared expert.
     Qwen3Moe,
 }
@@ -55,8 +59,14 @@ pub struct ModelSpec {
     /// Intermediate size of one routed expert.
     pub moe_ffn: usize,
     pub n_routed: usize,
-    /// Shared experts fused into one FFN of `moe_ffn * n_shared` (0: none).
+    /// Shared experts, fused into one FFN of intermediate size `shared_ffn` (0: none).
     pub n_shared: usize,
+    /// Intermediate size of the fused shared expert: `moe_ffn * n_shared` for DeepSeek, Qwen2's
+    /// `shared_expert_intermediate_size` (0: none).
+    pub shared_ffn: usize,
+    /// The shared expert's output is scaled per token by sigmoid(x . `shared_expert_gate`)
+    /// (Qwen2-MoE).
+    pub shared_gate: bool,
     pub top_k: usize,
     /// Expert groups (1: no group limit) and how many groups a token may use.
     pub n_group: usize,
@@ -66,8 +76,10 @@ pub struct ModelSpec {
     pub routed_scaling: f64,
     /// Layers before this index are dense (no MoE).
     pub first_dense: usize,
-    /// Every `moe_layer_freq`-th layer from `first_dense` on is MoE.
+    /// Layer L >= `first_dense` is MoE when `(L + moe_layer_offset) % moe_layer_freq == 0`:
+    /// DeepSeek (`moe_layer_freq`) counts from layer 0; Qwen (`decoder_sparse_step`) from layer 1.
     pub moe_layer_freq: usize,
+    pub moe_layer_offset: usize,
     /// Layers that are explicitly dense (Qwen3 `mlp_only_layers`).
     pub dense_layers: Vec<usize>,
     /// MoE layers routed by token id through `tid2eid` (V4's first layers).
@@ -121,11 +133,12 @@ impl ModelSpec {
             "deepseek_v3" => Family::DeepseekV3,
             "deepseek_v4" => Family::DeepseekV4,
             "mixtral" => Family::Mixtral,
+            "qwen2_moe" => Family::Qwen2Moe,
             "qwen3_moe" => Family::Qwen3Moe,
             other => {
                 return Err(CoreError::Config(format!(
-                    "unsupported model_type `{other}`; expected deepseek_v3, deepseek_v4, mixtral or qwen3_moe"
-                )))
+                "unsupported model_type `{other}`; expected deepseek_v3, deepseek_v4, mixtral, qwen2_moe or qwen3_moe"
+            )))
             }
         };
         let hidden = need_usize(&v, "hidden_size")?;
@@ -159,6 +172,8 @@ impl ModelSpec {
                         .map(|(i, _)| i)
                         .collect();
                 }
+                let moe_ffn = need_usize(&v, "moe_intermediate_size")?;
+                let n_shared = get_usize(&v, "n_shared_experts")?.unwrap_or(0);
                 let fp8_block = match v.get("quantization_config") {
                     Some(q) if q.get("quant_method").and_then(Value::as_str) == Some("fp8") => {
                         let b = q.get("weight_block_size").and_then(Value::as_array);
@@ -180,9 +195,11 @@ impl ModelSpec {
                     hidden,
                     num_layers,
                     vocab_size,
-                    moe_ffn: need_usize(&v, "moe_intermediate_size")?,
+                    moe_ffn,
                     n_routed,
-                    n_shared: get_usize(&v, "n_shared_experts")?.unwrap_or(0),
+                    n_shared,
+                    shared_ffn: moe_ffn * n_shared,
+                    shared_gate: false,
                     top_k: need_usize(&v, "num_experts_per_tok")?,
                     n_group: get_usize(&v, "n_group")?.unwrap_or(1).max(1),
                     topk_group: get_usize(&v, "topk_group")?.unwrap_or(1).max(1),
@@ -191,14 +208,21 @@ impl ModelSpec {
                     routed_scaling: get_f64(&v, "routed_scaling_factor")?.unwrap_or(1.0),
                     first_dense: get_usize(&v, "first_k_dense_replace")?.unwrap_or(0),
                     moe_layer_freq: get_usize(&v, "moe_layer_freq")?.unwrap_or(1).max(1),
+                    moe_layer_offset: 0,
                     dense_layers: vec![],
                     hash_layers,
                     swiglu_limit: get_f64(&v, "swiglu_limit")?.filter(|l| *l > 0.0),
                     fp8_block,
                 }
             }
-            Family::Mixtral | Family::Qwen3Moe => {
+            Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => {
                 let mixtral = family == Family::Mixtral;
+                // Qwen2-MoE's one shared expert has its own size; 0 (or absent) means none.
+                let shared_ffn = if family == Family::Qwen2Moe {
+                    get_usize(&v, "shared_expert_intermediate_size")?.unwrap_or(0)
+                } else {
+                    0
+                };
                 let n_routed =
                     if mixtral { need_usize(&v, "num_local_experts")? } else { need_usize(&v, "num_experts")? };
                 let moe_ffn = if mixtral {
@@ -219,16 +243,20 @@ impl ModelSpec {
                     vocab_size,
                     moe_ffn,
                     n_routed,
-                    n_shared: 0,
+                    n_shared: usize::from(shared_ffn > 0),
+                    shared_ffn,
+                    shared_gate: shared_ffn > 0,
                     top_k: need_usize(&v, "num_experts_per_tok")?,
                     n_group: 1,
                     topk_group: 1,
                     scoring: parse_scoring(Scoring::Softmax)?,
-                    // Mixtral always renormalises the top-k; Qwen3 says so in its config.
+                    // Mixtral always renormalises the top-k; Qwen says so in its config (default no).
                     norm_topk_prob: if mixtral { true } else { get_bool(&v, "norm_topk_prob")?.unwrap_or(false) },
                     routed_scaling: 1.0,
                     first_dense: 0,
+                    // transformers: layer L is sparse when (L + 1) % decoder_sparse_step == 0.
                     moe_layer_freq: get_usize(&v, "decoder_sparse_step")?.unwrap_or(1).max(1),
+                    moe_layer_offset: 1,
                     dense_layers,
                     hash_layers: vec![],
                     swiglu_limit: None,
@@ -253,7 +281,7 @@ impl ModelSpec {
                 self.top_k, self.n_routed
             ));
         }
-        if self.n_routed % self.n_group != 0 {
+        if !self.n_routed.is_multiple_of(self.n_group) {
             return err(format!("n_routed_experts {} is not divisible by n_group {}", self.n_routed, self.n_group));
         }
         if self.topk_group > self.n_group {
@@ -275,7 +303,7 @@ impl ModelSpec {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         layer < self.num_layers
             && layer >= self.first_dense
-            && (layer - self.first_dense) % self.moe_layer_freq == 0
+            && (layer + self.moe_layer_offset).is_multiple_of(self.moe_layer_freq)
             && !self.dense_layers.contains(&layer)
     }
 
@@ -290,11 +318,6 @@ impl ModelSpec {
     /// Whether the gate of `layer` has a score-correction bias tensor.
     pub fn has_gate_bias(&self, layer: usize) -> bool {
         matches!(self.family, Family::DeepseekV3 | Family::DeepseekV4) && !self.is_hash_layer(layer)
-    }
-
-    /// Intermediate size of the fused shared expert (0: none).
-    pub fn shared_ffn(&self) -> usize {
-        self.moe_ffn * self.n_shared
     }
 
     /// Explain why `layer` cannot be served as a MoE layer, if it cannot.
@@ -322,7 +345,7 @@ impl ModelSpec {
 
     fn prefix(&self, layer: usize) -> String {
         match self.family {
-            Family::DeepseekV3 | Family::Qwen3Moe => format!("model.layers.{layer}.mlp."),
+            Family::DeepseekV3 | Family::Qwen2Moe | Family::Qwen3Moe => format!("model.layers.{layer}.mlp."),
             Family::DeepseekV4 => format!("layers.{layer}.ffn."),
             Family::Mixtral => format!("model.layers.{layer}.block_sparse_moe."),
         }
@@ -362,7 +385,13 @@ impl ModelSpec {
     }
 
     pub fn shared_weight_name(&self, layer: usize, proj: Proj) -> String {
-        format!("{}shared_experts.{}.weight", self.prefix(layer), self.proj_name(proj))
+        let module = if self.family == Family::Qwen2Moe { "shared_expert" } else { "shared_experts" };
+        format!("{}{module}.{}.weight", self.prefix(layer), self.proj_name(proj))
+    }
+
+    /// The shared expert's gate [1, hidden] (when `shared_gate`).
+    pub fn shared_gate_name(&self, layer: usize) -> String {
+        format!("{}shared_expert_gate.weight", self.prefix(layer))
     }
 
     /// Expected [rows, cols] of a projection of an FFN with intermediate size `ffn`.
@@ -409,11 +438,14 @@ pub const PRESETS: &[&str] = &[
     "tiny-v3",
     "tiny-v4",
     "tiny-mixtral",
+    "tiny-qwen2",
     "tiny-qwen3",
     "deepseek-v3",
     "deepseek-v4-flash",
     "deepseek-v4-pro",
     "mixtral-8x7b",
+    "qwen1.5-moe-a2.7b",
+    "qwen2-57b-a14b",
     "qwen3-30b-a3b",
 ];
 
@@ -477,6 +509,11 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
             "model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 48,
             "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1000,
         }),
+        "tiny-qwen2" => json!({
+            "model_type": "qwen2_moe", "hidden_size": 64, "num_hidden_layers": 3, "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 40, "num_experts": 16, "num_experts_per_tok": 4,
+            "norm_topk_prob": false, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 1000,
+        }),
         "tiny-qwen3" => json!({
             "model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 3, "moe_intermediate_size": 24,
             "num_experts": 16, "num_experts_per_tok": 8, "norm_topk_prob": true, "decoder_sparse_step": 1,
@@ -488,6 +525,16 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
         "mixtral-8x7b" => json!({
             "model_type": "mixtral", "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
             "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+        }),
+        "qwen1.5-moe-a2.7b" => json!({
+            "model_type": "qwen2_moe", "hidden_size": 2048, "num_hidden_layers": 24, "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
+            "norm_topk_prob": false, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
+        }),
+        "qwen2-57b-a14b" => json!({
+            "model_type": "qwen2_moe", "hidden_size": 3584, "num_hidden_layers": 28, "moe_intermediate_size": 2560,
+            "shared_expert_intermediate_size": 20480, "num_experts": 64, "num_experts_per_tok": 8,
+            "norm_topk_prob": false, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 151936,
         }),
         "qwen3-30b-a3b" => json!({
             "model_type": "qwen3_moe", "hidden_size": 2048, "num_hidden_layers": 48, "moe_intermediate_size": 768,
@@ -517,7 +564,7 @@ pub fn preset_config(name: &str, o: &PresetOverrides) -> Result<Value> {
             set(obj, "num_local_experts", o.experts);
             set(obj, "intermediate_size", o.ffn);
         }
-        "qwen3_moe" => {
+        "qwen2_moe" | "qwen3_moe" => {
             set(obj, "num_experts", o.experts);
             set(obj, "moe_intermediate_size", o.ffn);
         }
@@ -624,11 +671,13 @@ fn attention_fields(name: &str) -> Vec<(&'static str, Value)> {
     match name {
         "tiny" | "tiny-v3" => mla(4, 32, 16, 16, 8, 16, 4096),
         "tiny-v4" => v4(5, 0, 4, 32, 2, 16, true),
-        "tiny-mixtral" | "tiny-qwen3" => gqa(4, 2, 16, 4096),
+        "tiny-mixtral" | "tiny-qwen2" | "tiny-qwen3" => gqa(4, 2, 16, 4096),
         "deepseek-v3" => mla(128, 1536, 512, 128, 64, 128, 163_840),
         "deepseek-v4-flash" => v4(43, 0, 64, 1024, 8, 512, false),
         "deepseek-v4-pro" => v4(61, 128, 128, 1536, 16, 1024, false),
         "mixtral-8x7b" => gqa(32, 8, 128, 32_768),
+        "qwen1.5-moe-a2.7b" => gqa(16, 16, 128, 8192),
+        "qwen2-57b-a14b" => gqa(28, 4, 128, 32_768),
         "qwen3-30b-a3b" => gqa(32, 4, 128, 40_960),
         _ => vec![],
     }
@@ -648,6 +697,56 @@ mod tests {
         assert!(!s.is_moe_layer(2) && s.is_moe_layer(3));
         assert_eq!(s.gate_bias_name(3), "model.layers.3.mlp.gate.e_score_correction_bias");
         assert_eq!(s.expert_weight_name(3, 7, Proj::Down), "model.layers.3.mlp.experts.7.down_proj.weight");
+    }
+
+    /// Qwen2-MoE as transformers reads it: one shared expert of `shared_expert_intermediate_size`
+    /// under `mlp.shared_expert`, gated by `mlp.shared_expert_gate`; no renormalisation unless
+    /// the config asks; `shared_expert_intermediate_size` 0 means no shared expert.
+    #[test]
+    fn qwen2_moe_config() {
+        let cfg = preset_config("qwen2-57b-a14b", &PresetOverrides::default()).unwrap();
+        let s = ModelSpec::from_config_json(&cfg.to_string()).unwrap();
+        assert_eq!((s.family, s.n_routed, s.top_k, s.moe_ffn), (Family::Qwen2Moe, 64, 8, 2560));
+        assert_eq!((s.n_shared, s.shared_ffn, s.shared_gate, s.norm_topk_prob), (1, 20480, true, false));
+        assert_eq!(s.scoring, Scoring::Softmax);
+        assert_eq!(s.shared_weight_name(5, Proj::Up), "model.layers.5.mlp.shared_expert.up_proj.weight");
+        assert_eq!(s.shared_gate_name(5), "model.layers.5.mlp.shared_expert_gate.weight");
+        assert_eq!(s.expert_weight_name(5, 63, Proj::Gate), "model.layers.5.mlp.experts.63.gate_proj.weight");
+        assert_eq!(s.moe_layers().len(), 28);
+        let mut none = cfg.clone();
+        none["shared_expert_intermediate_size"] = json!(0);
+        none["norm_topk_prob"] = json!(true);
+        let s = ModelSpec::from_config_json(&none.to_string()).unwrap();
+        assert_eq!((s.n_shared, s.shared_ffn, s.shared_gate, s.norm_topk_prob), (0, 0, false, true));
+        // DeepSeek's shared experts stay fused at moe_ffn x n_shared, ungated.
+        let v3 = ModelSpec::from_config_json(
+            &preset_config("deepseek-v3", &PresetOverrides::default()).unwrap().to_string(),
+        )
+        .unwrap();
+        assert_eq!((v3.shared_ffn, v3.shared_gate), (2048, false));
+        assert_eq!(v3.shared_weight_name(3, Proj::Up), "model.layers.3.mlp.shared_experts.up_proj.weight");
+    }
+
+    /// transformers' rules: Qwen2/3-MoE layer L is sparse when (L + 1) % decoder_sparse_step
+    /// == 0 and L is not in mlp_only_layers; DeepSeek layer L when L >= first_k_dense_replace
+    /// and L % moe_layer_freq == 0.
+    #[test]
+    fn sparse_layer_rules_match_transformers() {
+        let qwen = json!({
+            "model_type": "qwen3_moe", "hidden_size": 64, "num_hidden_layers": 8, "moe_intermediate_size": 24,
+            "num_experts": 16, "num_experts_per_tok": 4, "decoder_sparse_step": 2, "mlp_only_layers": [5],
+            "vocab_size": 100,
+        });
+        let s = ModelSpec::from_config_json(&qwen.to_string()).unwrap();
+        let want: Vec<usize> = (0..8).filter(|l| (l + 1) % 2 == 0 && *l != 5).collect();
+        assert_eq!(s.moe_layers(), want);
+        assert_eq!(want, vec![1, 3, 7]);
+        let mut v3 = preset_config("tiny-v3", &PresetOverrides::default()).unwrap();
+        v3["num_hidden_layers"] = json!(8);
+        v3["first_k_dense_replace"] = json!(1);
+        v3["moe_layer_freq"] = json!(2);
+        let s = ModelSpec::from_config_json(&v3.to_string()).unwrap();
+        assert_eq!(s.moe_layers(), vec![2, 4, 6]);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct RefLayer {
     pub tid2eid: Option<Vec<i64>>,
     pub experts: Vec<RefFfn>,
     pub shared: Option<RefFfn>,
+    /// Qwen2-MoE's shared-expert gate [hidden].
+    pub shared_gate: Option<Vec<f64>>,
 }
 
 /// The reference's view of a checkpoint: every safetensors file's bytes.
@@ -140,18 +142,17 @@ impl RefLayer {
         let experts = (0..spec.n_routed)
             .map(|e| ffn(&|p| spec.expert_weight_name(layer, e, p), spec.moe_ffn))
             .collect::<Result<Vec<_>>>()?;
-        let shared = if spec.n_shared > 0 {
-            Some(ffn(&|p| spec.shared_weight_name(layer, p), spec.shared_ffn())?)
-        } else {
-            None
-        };
+        let shared =
+            if spec.n_shared > 0 { Some(ffn(&|p| spec.shared_weight_name(layer, p), spec.shared_ffn)?) } else { None };
+        let shared_gate = if spec.shared_gate { Some(ck.tensor(&spec.shared_gate_name(layer), None)?.0) } else { None };
         let bias = if spec.has_gate_bias(layer) { Some(ck.tensor(&spec.gate_bias_name(layer), None)?.0) } else { None };
         let tid2eid = if spec.is_hash_layer(layer) {
             Some(ck.tensor(&spec.tid2eid_name(layer), None)?.0.into_iter().map(|v| v as i64).collect())
         } else {
             None
         };
-        Ok(Self { gate: ck.tensor(&spec.gate_weight_name(layer), None)?.0, bias, tid2eid, experts, shared })
+        let gate = ck.tensor(&spec.gate_weight_name(layer), None)?.0;
+        Ok(Self { gate, bias, tid2eid, experts, shared, shared_gate })
     }
 }
 
@@ -248,8 +249,13 @@ pub fn moe_forward(spec: &ModelSpec, w: &RefLayer, x: &[f64], tokens: usize, ids
         }
         if let Some(s) = &w.shared {
             let y = ffn_forward(s, h, xt, limit);
+            // Qwen2-MoE: sigmoid(x . shared_expert_gate) scales the shared expert's output.
+            let scale = match &w.shared_gate {
+                Some(g) => 1.0 / (1.0 + (-(0..h).map(|i| g[i] * xt[i]).sum::<f64>()).exp()),
+                None => 1.0,
+            };
             for (oi, yi) in o.iter_mut().zip(&y) {
-                *oi += yi;
+                *oi += scale * yi;
             }
         }
     }

@@ -1,14 +1,28 @@
 //! ExpertMesh expert backends.
 //!
-//! [`ExpertBackend`] is the seam: the CPU backend ([`cpu::CpuBackend`]) is always built; other
-//! device kinds resolve through [`backend_for_device`], which answers a typed error when the
-//! backend is not in this build, so call sites need no `#[cfg]`.
+//! The seam is per layer: [`ExpertBackend::load_layer`] makes the experts of one layer that a
+//! worker holds one resident object ([`LayerExperts`]) with the weights in the checkpoint's
+//! dtype, and [`LayerExperts::forward`] computes a whole batch whose rows are grouped by expert
+//! ([`Groups`]). Activations live in the backend's own buffers ([`Rows`]: host memory on the
+//! CPU, device memory on an accelerator), moved in and out with [`ExpertBackend::upload`] and
+//! [`ExpertBackend::download`], so callers never touch a backend's memory directly.
+//!
+//! The CPU backend ([`cpu::CpuBackend`]) is always built; other device kinds resolve through
+//! [`backend_for_device`], which answers a typed error when the backend is not in this build.
 
+use std::any::Any;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use expertmesh_core::dtype::DType;
 use thiserror::Error;
 
+pub mod bench;
+pub mod conformance;
 pub mod cpu;
+mod weights;
+
+pub use weights::{BlockScales, ExpertWeights, LayerWeights, StoredMatrix};
 
 /// Errors from a backend.
 #[derive(Debug, Error)]
@@ -19,40 +33,151 @@ pub enum KernelError {
     UnknownDevice(String),
     #[error("shape mismatch: {0}")]
     Shape(String),
+    #[error("layer {layer} holds no expert {expert} on this backend")]
+    NotResident { layer: usize, expert: u32 },
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
-/// One FFN's weights as the checkpoint lays them out, decoded to f32.
+/// Activations in host memory: `rows x cols` little-endian elements of `dtype` (bf16 or f32).
 #[derive(Debug, Clone)]
-pub struct FfnWeights {
-    pub hidden: usize,
-    pub ffn: usize,
-    /// W1 (gate) [ffn, hidden].
-    pub w1: Vec<f32>,
-    /// W3 (up) [ffn, hidden].
-    pub w3: Vec<f32>,
-    /// W2 (down) [hidden, ffn].
-    pub w2: Vec<f32>,
-    /// SwiGLU clamp: gate <= limit, -limit <= up <= limit.
-    pub swiglu_limit: Option<f32>,
+pub struct HostRows {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Bytes,
 }
 
-/// An FFN resident on a backend.
-pub trait LoadedFfn: Send + Sync + std::fmt::Debug {
-    /// `out[rows, hidden] = W2 (silu(W1 x) * (W3 x))` for `x[rows, hidden]`.
-    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) -> Result<()>;
+impl HostRows {
+    pub fn new(dtype: DType, rows: usize, cols: usize, data: Bytes) -> Result<Self> {
+        check_activation_dtype(dtype)?;
+        let need = rows.checked_mul(cols).and_then(|n| n.checked_mul(dtype.size()));
+        if need != Some(data.len()) {
+            return Err(KernelError::Shape(format!(
+                "{} bytes of activations; {rows} rows x {cols} of {} need {}",
+                data.len(),
+                dtype.name(),
+                need.map_or("more than usize".into(), |n| n.to_string())
+            )));
+        }
+        Ok(Self { dtype, rows, cols, data })
+    }
+
+    /// f32 rows as host activations.
+    pub fn from_f32(rows: usize, cols: usize, values: &[f32]) -> Result<Self> {
+        let mut data = Vec::with_capacity(values.len() * 4);
+        for v in values {
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+        Self::new(DType::F32, rows, cols, Bytes::from(data))
+    }
+}
+
+/// Activations resident on a backend (its own memory: host for the CPU, device for CUDA).
+pub trait Rows: Send + Sync + std::fmt::Debug {
+    fn dtype(&self) -> DType;
+    fn rows(&self) -> usize;
+    fn cols(&self) -> usize;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// Which rows of a batch each expert takes: rows `offsets[i]..offsets[i + 1]` go to
+/// `experts[i]`. An expert may appear more than once; groups may be empty.
+#[derive(Debug, Clone, Default)]
+pub struct Groups {
+    pub experts: Vec<u32>,
+    pub offsets: Vec<usize>,
+}
+
+impl Groups {
+    /// Groups from (expert, row count) segments in row order.
+    pub fn from_counts(segments: impl IntoIterator<Item = (u32, usize)>) -> Self {
+        let mut g = Groups { experts: Vec::new(), offsets: vec![0] };
+        let mut end = 0;
+        for (e, n) in segments {
+            end += n;
+            g.experts.push(e);
+            g.offsets.push(end);
+        }
+        g
+    }
+
+    pub fn rows(&self) -> usize {
+        self.offsets.last().copied().unwrap_or(0)
+    }
+
+    /// Check that the groups tile `0..rows` in order.
+    pub fn check(&self, rows: usize) -> Result<()> {
+        if self.offsets.len() != self.experts.len() + 1 || self.offsets.first() != Some(&0) {
+            return Err(KernelError::Shape(format!(
+                "{} expert groups need {} row offsets starting at 0; got {:?}",
+                self.experts.len(),
+                self.experts.len() + 1,
+                self.offsets
+            )));
+        }
+        if let Some(w) = self.offsets.windows(2).position(|w| w[1] < w[0]) {
+            return Err(KernelError::Shape(format!(
+                "row offsets decrease at group {w} ({} then {})",
+                self.offsets[w],
+                self.offsets[w + 1]
+            )));
+        }
+        if self.rows() != rows {
+            return Err(KernelError::Shape(format!("groups cover {} rows; the batch has {rows}", self.rows())));
+        }
+        Ok(())
+    }
+}
+
+/// The experts of one layer resident on a backend, weights in the checkpoint's dtype.
+pub trait LayerExperts: Send + Sync + std::fmt::Debug {
+    fn layer(&self) -> usize;
+    /// Expert ids held, ascending.
+    fn experts(&self) -> Vec<u32>;
+    fn holds(&self, expert: u32) -> bool;
+    fn hidden(&self) -> usize;
     /// Bytes the weights occupy on the device.
     fn bytes(&self) -> u64;
-    fn hidden(&self) -> usize;
+    /// `out[r] = W2_e (silu(W1_e x[r]) * (W3_e x[r]))` for every row r of group e. `x` and `out`
+    /// are `[rows, hidden]` buffers of this backend (bf16 or f32, not necessarily the same).
+    /// bf16 activations on bf16 or FP8 weights use bf16 products with f32 accumulation;
+    /// everything else is f32 math.
+    fn forward(&self, x: &dyn Rows, groups: &Groups, out: &mut dyn Rows) -> Result<()>;
+    /// The same layer holding only `keep` (already resident: nothing is loaded or copied).
+    fn subset(&self, keep: &[u32]) -> Result<Arc<dyn LayerExperts>>;
+    fn as_any(&self) -> &dyn Any;
 }
 
-/// A compute backend for expert FFNs and the router's product.
+/// A compute backend for a layer's experts, the shared expert and the router's product.
 pub trait ExpertBackend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> String;
-    fn load_ffn(&self, w: FfnWeights) -> Result<Arc<dyn LoadedFfn>>;
-    /// `out[m, n] = a[m, k] . b[n, k]^T`.
+    /// Make `w`'s experts resident, together with the experts `keep` of `prev` (already
+    /// resident: not loaded again).
+    fn load_layer(
+        &self,
+        w: LayerWeights<'_>,
+        prev: Option<(&Arc<dyn LayerExperts>, &[u32])>,
+    ) -> Result<Arc<dyn LayerExperts>>;
+    /// Bytes one expert of this shape and dtype takes once resident.
+    fn resident_bytes(&self, hidden: usize, ffn: usize, dtype: DType, block: Option<(usize, usize)>) -> u64;
+    /// Move host activations into this backend's memory.
+    fn upload(&self, rows: HostRows) -> Result<Box<dyn Rows>>;
+    /// An output buffer of `rows x cols` in `dtype`.
+    fn alloc(&self, dtype: DType, rows: usize, cols: usize) -> Result<Box<dyn Rows>>;
+    /// Move activations back to host memory.
+    fn download(&self, rows: Box<dyn Rows>) -> Result<HostRows>;
+    /// `out[m, n] = a[m, k] . b[n, k]^T`, f32 in host memory (the router's product).
     fn matmul_nt(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) -> Result<()>;
+}
+
+/// Activations are bf16 or f32.
+pub fn check_activation_dtype(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::BF16 | DType::F32 => Ok(()),
+        d => Err(KernelError::Shape(format!("activations in {}; expected bf16 or f32", d.name()))),
+    }
 }
 
 /// The backend for a device name: `cpu`, `cuda:N`, `npu:N`.

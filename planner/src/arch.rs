@@ -32,7 +32,7 @@ pub enum Attention {
         window: usize,
         ratios: Vec<usize>,
     },
-    /// Grouped-query attention (Mixtral, Qwen3).
+    /// Grouped-query attention (Mixtral, Qwen2, Qwen3).
     Gqa { heads: usize, kv_heads: usize, head_dim: usize },
 }
 
@@ -139,7 +139,7 @@ impl ModelArch {
                     ratios,
                 }
             }
-            Family::Mixtral | Family::Qwen3Moe => Attention::Gqa {
+            Family::Mixtral | Family::Qwen2Moe | Family::Qwen3Moe => Attention::Gqa {
                 heads,
                 kv_heads: get("num_key_value_heads", heads),
                 head_dim: field(v, "head_dim").unwrap_or(h / heads.max(1)),
@@ -233,7 +233,7 @@ impl ModelArch {
     fn moe_layer_params(&self) -> (u64, u64, u64) {
         let s = &self.spec;
         let routed = s.n_routed as u64 * s.expert_params();
-        let shared = 3 * (s.hidden * s.shared_ffn()) as u64;
+        let shared = 3 * (s.hidden * s.shared_ffn) as u64;
         let bias = if matches!(s.family, Family::DeepseekV3 | Family::DeepseekV4) { s.n_routed as u64 } else { 0 };
         (routed, shared, (s.n_routed * s.hidden) as u64 + bias)
     }
@@ -384,6 +384,19 @@ mod tests {
         assert!(within(flash.active as f64, 13e9, 0.08), "flash active {}", flash.active);
     }
 
+    /// Model cards: Qwen1.5-MoE-A2.7B 14.3B total / 2.7B active; Qwen2-57B-A14B 57B / 14B. Both
+    /// hold most of their active parameters in the gated shared expert.
+    #[test]
+    fn qwen2_moe_parameter_counts_match_the_model_cards() {
+        for (name, total, active) in [("qwen1.5-moe-a2.7b", 14.3e9, 2.7e9), ("qwen2-57b-a14b", 57.4e9, 14e9)] {
+            let p = ModelArch::preset(name).unwrap().params();
+            eprintln!("{name}: {p:?}");
+            assert!(within(p.total as f64, total, 0.02), "{name} total {}", p.total);
+            assert!(within(p.active as f64, active, 0.03), "{name} active {}", p.active);
+            assert!(p.shared_experts > 0, "{name}: shared expert counted");
+        }
+    }
+
     /// "Insights into DeepSeek-V3" (ISCA'25) Table 1: MLA at BF16 holds 70,272 bytes per token.
     #[test]
     fn v3_mla_kv_bytes_per_token() {
@@ -409,7 +422,9 @@ mod tests {
 
     #[test]
     fn kv_grows_with_context() {
-        for name in ["deepseek-v3", "deepseek-v4-pro", "deepseek-v4-flash", "mixtral-8x7b", "qwen3-30b-a3b"] {
+        for name in
+            ["deepseek-v3", "deepseek-v4-pro", "deepseek-v4-flash", "mixtral-8x7b", "qwen2-57b-a14b", "qwen3-30b-a3b"]
+        {
             let m = ModelArch::preset(name).unwrap();
             let mut last = -1.0;
             for c in [0, 1, 3, 4, 5, 127, 128, 129, 1000, 4096, 65_536, 1 << 20] {

@@ -292,7 +292,10 @@ impl<'a> Instance<'a> {
                 )));
             }
             let p = &input.inventory.pools[0];
-            if ep == 0 || total % ep != 0 || (ep > p.devices_per_node && ep % p.devices_per_node != 0) {
+            if ep == 0
+                || !total.is_multiple_of(ep)
+                || (ep > p.devices_per_node && !ep.is_multiple_of(p.devices_per_node))
+            {
                 return Err(PlanError::Layout(format!(
                     "--ep {ep} must divide the {total} devices and be a whole number of {}-device nodes (or fit in one)",
                     p.devices_per_node
@@ -305,7 +308,7 @@ impl<'a> Instance<'a> {
         };
         let d: usize = pools.iter().map(Pool::devices).sum();
         let tp = input.layout.attn_tp.max(1);
-        if d % tp != 0 || pools.iter().any(|p| p.devices_per_node % tp != 0 && tp > 1) {
+        if !d.is_multiple_of(tp) || pools.iter().any(|p| p.devices_per_node % tp != 0 && tp > 1) {
             return Err(PlanError::Layout(format!(
                 "attention TP {tp} must divide the devices of a node ({}) and of the instance ({d})",
                 pools.iter().map(|p| p.devices_per_node.to_string()).collect::<Vec<_>>().join(", ")
@@ -585,7 +588,7 @@ impl<'a> Instance<'a> {
             let (core_flops, kv_read) = a.attention_core(l, ctx, decode, p.kv_cache);
             let attn_w = a.attention_params(l) as f64;
             let ffn_w = if moe {
-                (3 * s.hidden * s.shared_ffn() + s.n_routed * s.hidden) as f64
+                (3 * s.hidden * s.shared_ffn + s.n_routed * s.hidden) as f64
             } else {
                 3.0 * h * a.dense_ffn as f64
             };
@@ -878,7 +881,7 @@ pub struct SearchResult {
 fn tp_options(pool: &Pool, d: usize) -> Vec<usize> {
     [1usize, 2, 4, 8, 16]
         .into_iter()
-        .filter(|t| *t <= pool.devices_per_node && pool.devices_per_node % t == 0 && d % t == 0)
+        .filter(|t| *t <= pool.devices_per_node && pool.devices_per_node.is_multiple_of(*t) && d.is_multiple_of(*t))
         .collect()
 }
 

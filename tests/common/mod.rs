@@ -110,7 +110,7 @@ impl TrafficReport {
 
     /// Check one answer against its float64 reference and count it.
     pub fn record(&mut self, r: &expertmesh_proto::v1::ForwardResponse, want: &[f64], started: std::time::Instant) {
-        let (out, _) = expertmesh_worker::wire::tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
+        let (out, _) = expertmesh_dispatcher::wire::tensor_to_f32(r.output.as_ref().unwrap(), "output").unwrap();
         let err = rel_l2_f32(&out, want);
         if err < 1e-2 {
             self.correct += 1;
@@ -181,8 +181,8 @@ pub fn start_checked_traffic(
     deadline: std::time::Duration,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<TrafficReport> {
+    use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor};
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
-    use expertmesh_worker::wire::{f32_tensor, i64_tensor};
     tokio::spawn(async move {
         let mut rep = TrafficReport::default();
         let mut i = first;
@@ -288,8 +288,8 @@ pub fn start_traffic(
     hidden: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> tokio::task::JoinHandle<TrafficReport> {
+    use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor};
     use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
-    use expertmesh_worker::wire::{f32_tensor, i64_tensor};
     tokio::spawn(async move {
         let mut rep = TrafficReport::default();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {

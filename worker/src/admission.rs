@@ -206,7 +206,7 @@ impl Connections {
     fn admit(self: &Arc<Self>, stream: TcpStream, peer: SocketAddr) -> Option<GuardedIo> {
         if self.open.fetch_add(1, Ordering::AcqRel) >= self.max {
             self.open.fetch_sub(1, Ordering::AcqRel);
-            if self.refused.fetch_add(1, Ordering::Relaxed) % 100 == 0 {
+            if self.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
                 warn!(%peer, max = self.max, "connection refused: the server has its maximum of connections open (--max-connections)");
             }
             return None;

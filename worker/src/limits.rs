@@ -3,13 +3,12 @@
 //! is computed with checked arithmetic and compared with a configured limit; a violation is an
 //! INVALID_ARGUMENT that names the limit and the flag that sets it.
 
-use expertmesh_core::dtype::DType;
-use expertmesh_core::limits::{checked_bytes, checked_product};
+use expertmesh_core::dtype::{decode_f32, DType};
 use expertmesh_core::ModelSpec;
 use expertmesh_proto::v1::{ExpertBatch, Tensor};
 
 use crate::error::{Result, WorkerError};
-use crate::wire::dtype_from_proto;
+use expertmesh_dispatcher::wire::dtype_from_proto;
 
 /// Per-request limits of a worker (flags of `expertmesh worker`).
 #[derive(Debug, Clone)]
@@ -171,17 +170,6 @@ pub fn check_forward_shape(spec: &ModelSpec, limits: &Limits, t: &Tensor) -> Res
     Ok(tokens as usize)
 }
 
-/// Bytes of a tensor's data as its shape and dtype say, checked; an error names the field.
-pub fn expected_bytes(t: &Tensor, d: DType, field: &str) -> Result<usize> {
-    checked_product(&t.shape).and_then(|n| checked_bytes(n, d.size())).ok_or_else(|| {
-        WorkerError::InvalidInput(format!(
-            "{field}: shape {:?} of {} does not fit in memory (the element count overflows)",
-            t.shape,
-            d.name()
-        ))
-    })
-}
-
 /// The first non-finite value of `x` (rows of `hidden`), as an error naming row and column.
 pub fn check_finite(x: &[f32], hidden: usize, what: &str) -> Result<()> {
     match x.iter().position(|v| !v.is_finite()) {
@@ -193,6 +181,25 @@ pub fn check_finite(x: &[f32], hidden: usize, what: &str) -> Result<()> {
             i % hidden.max(1)
         ))),
     }
+}
+
+/// [`check_finite`] on little-endian bf16 or f32 rows as received, without decoding them.
+pub fn check_finite_bytes(dtype: DType, data: &[u8], hidden: usize, what: &str) -> Result<()> {
+    let bad = match dtype {
+        // bf16: an exponent of all ones is Inf or NaN.
+        DType::BF16 => data.chunks_exact(2).position(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80),
+        _ => data.chunks_exact(4).position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+    };
+    let Some(i) = bad else { return Ok(()) };
+    let es = dtype.size();
+    let mut v = [0f32; 1];
+    decode_f32(dtype, &data[i * es..(i + 1) * es], &mut v)?;
+    Err(WorkerError::InvalidInput(format!(
+        "{what} has a non-finite value ({}) at row {} (hidden index {}); activations must be finite",
+        v[0],
+        i / hidden.max(1),
+        i % hidden.max(1)
+    )))
 }
 
 #[cfg(test)]
@@ -264,7 +271,7 @@ mod tests {
         let e = check_forward_shape(&s, &l, &t).unwrap_err().to_string();
         assert!(e.contains("--max-batch-tokens"), "{e}");
         let t = Tensor { dtype: PDType::DtypeF32 as i32, shape: vec![1 << 56, 256], data: Bytes::new() };
-        assert!(expected_bytes(&t, DType::F32, "hidden_states").is_err());
+        assert!(expertmesh_dispatcher::wire::expected_bytes(&t, DType::F32, "hidden_states").is_err());
         assert!(check_forward_shape(&s, &l, &t).is_err());
     }
 }

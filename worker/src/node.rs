@@ -3,7 +3,7 @@
 //! ready; free what a committed plan dropped), serve ExpertService and MoeLayer, report load;
 //! on SIGTERM drain (experts move away first), on SIGINT leave at once.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,13 +18,13 @@ use expertmesh_proto::v1::{DeviceInfo, LoadReport, PlacementPlan, WorkerInfo};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::checkpoint::Checkpoint;
-use crate::compute::on_pool;
-use crate::control::{connect_control, ControlPlane, ControlTarget, Registration};
-use crate::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
-use crate::error::{Result, WorkerError};
-use crate::moe::Frontend;
+use crate::error::{from_cluster, Result, WorkerError};
 use crate::service::{Admission, AdmissionConfig, ExpertServiceImpl, ExpertStore, MoeLayerImpl};
+use expertmesh_cluster::control::{connect_control, ControlPlane, ControlTarget, Registration};
+use expertmesh_dispatcher::checkpoint::Checkpoint;
+use expertmesh_dispatcher::compute::on_pool;
+use expertmesh_dispatcher::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
+use expertmesh_dispatcher::moe::{load_experts, Frontend};
 
 /// Worker settings (from `expertmesh worker` flags).
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ async fn register_with_retry(
                 warn!(error = %e, "cannot register yet; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(from_cluster(e)),
         }
     }
 }
@@ -256,7 +256,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             tflops: cfg.tflops,
         }],
     };
-    let control = connect_control(&cfg.control, Duration::from_secs(30)).await?;
+    let control = connect_control(&cfg.control, Duration::from_secs(30)).await.map_err(from_cluster)?;
     let reg = register_with_retry(&control, &info_msg, Duration::from_secs(30)).await?;
     let model_dir = cfg.model.clone().unwrap_or_else(|| PathBuf::from(&reg.model_dir));
     let ck = Arc::new(Checkpoint::open(&model_dir)?);
@@ -270,10 +270,12 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             theirs.model_type
         )));
     }
-    let store = Arc::new(ExpertStore::new(cfg.worker_id.clone(), ck.spec().clone()));
+    let store = Arc::new(ExpertStore::new(cfg.worker_id.clone(), ck.spec().clone(), backend.clone()));
     let (table_tx, table_rx) = route_table_channel();
-    let dispatcher =
-        Arc::new(Dispatcher::new(Frontend::new(ck.clone(), backend.clone()), table_rx, cfg.dispatcher.clone()));
+    let dispatcher = Arc::new(
+        Dispatcher::new(ck.spec().clone(), cfg.dispatcher.grpc_transport(), table_rx, cfg.dispatcher.clone())
+            .with_router(Frontend::new(ck.clone(), backend.clone())),
+    );
     let (utx, urx) = tokio::sync::mpsc::unbounded_channel();
     dispatcher.report_unreachable_to(utx);
     let reporter = spawn_unreachable_reporter(control.clone(), cfg.worker_id.clone(), urx);
@@ -333,7 +335,13 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
-                let report = LoadReport { worker_id: id.clone(), epoch: store.epoch(), experts: store.counters() };
+                let report = LoadReport {
+                    worker_id: id.clone(),
+                    epoch: store.epoch(),
+                    experts: store.counters(),
+                    resident_bytes: store.resident_bytes(),
+                    rss_bytes: rss_bytes(),
+                };
                 let _ = c.report_load(report, lease.load(Ordering::Acquire)).await;
             }
         })
@@ -379,18 +387,28 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                     }
                     if let Some(keep) = keep {
                         store.set_epoch(plan.epoch);
-                        store.retain(&keep);
+                        if let Err(e) = store.retain(&keep) {
+                            warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot free the experts the placement moved away");
+                        }
                         info!(worker = %id, epoch = plan.epoch, experts = keep.len(), "placement committed");
                         return;
                     }
                     let missing: Vec<(u32, u32)> = mine.iter().filter(|(l, e)| !store.holds(*l, *e)).copied().collect();
                     let n = missing.len();
+                    let held = store.clone();
                     let loaded = on_pool(move || -> Result<Vec<_>> {
-                        use rayon::prelude::*;
-                        missing
-                            .par_iter()
-                            .map(|&(l, e)| Ok(((l, e), backend.load_ffn(ck.load_expert(l as usize, e as usize)?)?)))
-                            .collect()
+                        let mut by_layer: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+                        for (l, e) in missing {
+                            by_layer.entry(l).or_default().push(e);
+                        }
+                        let mut layers = Vec::with_capacity(by_layer.len());
+                        for (l, experts) in by_layer {
+                            // One resident object per layer: what it holds now, plus the new ones.
+                            let prev = held.layer(l);
+                            let keep = prev.as_ref().map(|p| p.experts()).unwrap_or_default();
+                            layers.push(load_experts(&ck, &*backend, l as usize, &experts, prev, &keep)?);
+                        }
+                        Ok(layers)
                     })
                     .await;
                     let error = match loaded {
@@ -474,7 +492,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         let l = lease.load(Ordering::Acquire);
         if let Err(e) = tokio::time::timeout(Duration::from_secs(3), control.deregister(&id, l))
             .await
-            .unwrap_or_else(|_| Err(WorkerError::Unavailable("timed out".into())))
+            .unwrap_or_else(|_| Err(expertmesh_cluster::ClusterError::Unavailable("timed out".into())))
         {
             warn!(worker = %id, error = %e, "cannot revoke the lease; it expires on its own");
         }
@@ -495,12 +513,26 @@ pub async fn connect_dispatcher(
     shutdown: CancellationToken,
 ) -> Result<Arc<Dispatcher>> {
     let backend = backend_for_device(device)?;
-    let control = connect_control(target, Duration::from_secs(30)).await?;
+    let control = connect_control(target, Duration::from_secs(30)).await.map_err(from_cluster)?;
     let (tx, rx) = route_table_channel();
     tokio::spawn(follow_placement(control.clone(), tx, shutdown, |_, _| async {}));
-    let d = Arc::new(Dispatcher::new(Frontend::new(ck, backend), rx, cfg));
+    let d = Arc::new(
+        Dispatcher::new(ck.spec().clone(), cfg.grpc_transport(), rx, cfg).with_router(Frontend::new(ck, backend)),
+    );
     let (utx, urx) = tokio::sync::mpsc::unbounded_channel();
     d.report_unreachable_to(utx);
     spawn_unreachable_reporter(control, format!("dispatcher-{}", std::process::id()), urx);
     Ok(d)
+}
+
+/// This process's resident set size in bytes (`VmRSS` of Linux's `/proc/self/status`; 0 where
+/// unreadable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -8,9 +8,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use expertmesh_core::dtype::{decode_f32, encode_f32, DType};
+use expertmesh_core::dtype::DType;
 use expertmesh_core::ModelSpec;
-use expertmesh_kernels::LoadedFfn;
+use expertmesh_kernels::{ExpertBackend, Groups, HostRows, LayerExperts};
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::moe_layer_server::MoeLayer;
 use expertmesh_proto::v1::{
@@ -23,36 +23,40 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use crate::admission::{Budget, Connections, PeerStreams};
-use crate::compute::on_pool;
-use crate::dispatcher::Dispatcher;
 use crate::error::{Result, WorkerError};
-use crate::limits::{check_batch, check_finite, check_forward_shape, BatchShape, Limits, StreamCheck};
-use crate::moe::MoeInput;
-use crate::wire::{
+use crate::limits::{check_batch, check_finite_bytes, check_forward_shape, BatchShape, Limits, StreamCheck};
+use expertmesh_dispatcher::compute::on_pool;
+use expertmesh_dispatcher::dispatcher::Dispatcher;
+use expertmesh_dispatcher::moe::MoeInput;
+use expertmesh_dispatcher::wire::{
     dtype_from_proto, dtype_to_proto, f32_tensor, grpc_deadline, i64_tensor, tensor_to_f32, tensor_to_i64,
 };
 
-type ExpertMap = HashMap<(u32, u32), Arc<dyn LoadedFfn>>;
+/// Each layer's resident experts, by layer.
+type LayerMap = HashMap<u32, Arc<dyn LayerExperts>>;
 
-/// The experts a worker holds, its epoch, and per-expert token counters.
+/// The experts a worker holds (one resident object per layer), its epoch, and per-expert
+/// token counters.
 #[derive(Debug)]
 pub struct ExpertStore {
     worker_id: String,
     spec: ModelSpec,
+    backend: Arc<dyn ExpertBackend>,
     epoch: AtomicU64,
-    experts: RwLock<Arc<ExpertMap>>,
+    layers: RwLock<Arc<LayerMap>>,
     /// Tokens computed, index layer * n_routed + expert.
     counters: Vec<AtomicU64>,
 }
 
 impl ExpertStore {
-    pub fn new(worker_id: String, spec: ModelSpec) -> Self {
+    pub fn new(worker_id: String, spec: ModelSpec, backend: Arc<dyn ExpertBackend>) -> Self {
         let n = spec.num_layers * spec.n_routed;
         Self {
             worker_id,
             spec,
+            backend,
             epoch: AtomicU64::new(0),
-            experts: RwLock::new(Arc::new(HashMap::new())),
+            layers: RwLock::new(Arc::new(HashMap::new())),
             counters: (0..n).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -65,6 +69,10 @@ impl ExpertStore {
         &self.spec
     }
 
+    pub fn backend(&self) -> &Arc<dyn ExpertBackend> {
+        &self.backend
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
@@ -73,36 +81,58 @@ impl ExpertStore {
         self.epoch.store(e, Ordering::Release);
     }
 
-    fn snapshot(&self) -> Arc<ExpertMap> {
-        self.experts.read().map(|g| g.clone()).unwrap_or_default()
+    fn snapshot(&self) -> Arc<LayerMap> {
+        self.layers.read().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// The resident experts of `layer`, if any.
+    pub fn layer(&self, layer: u32) -> Option<Arc<dyn LayerExperts>> {
+        self.snapshot().get(&layer).cloned()
     }
 
     pub fn holds(&self, layer: u32, expert: u32) -> bool {
-        self.snapshot().contains_key(&(layer, expert))
+        self.snapshot().get(&layer).is_some_and(|l| l.holds(expert))
     }
 
     pub fn held(&self) -> Vec<(u32, u32)> {
-        let mut v: Vec<_> = self.snapshot().keys().copied().collect();
+        let mut v: Vec<_> =
+            self.snapshot().iter().flat_map(|(&l, x)| x.experts().into_iter().map(move |e| (l, e))).collect();
         v.sort();
         v
     }
 
-    /// Add experts (loaded before an epoch switch).
-    pub fn insert(&self, loaded: Vec<((u32, u32), Arc<dyn LoadedFfn>)>) {
-        if let Ok(mut g) = self.experts.write() {
+    /// Bytes the held experts' weights occupy on the backend.
+    pub fn resident_bytes(&self) -> u64 {
+        self.snapshot().values().map(|l| l.bytes()).sum()
+    }
+
+    /// Replace layers with new resident objects (made before an epoch switch).
+    pub fn insert(&self, loaded: Vec<Arc<dyn LayerExperts>>) {
+        if let Ok(mut g) = self.layers.write() {
             let mut m = (**g).clone();
-            m.extend(loaded);
+            for l in loaded {
+                m.insert(l.layer() as u32, l);
+            }
             *g = Arc::new(m);
         }
     }
 
     /// Keep only `keep`; in-flight batches hold their own references, so nothing they use is
     /// freed under them.
-    pub fn retain(&self, keep: &std::collections::HashSet<(u32, u32)>) {
-        if let Ok(mut g) = self.experts.write() {
-            let m: ExpertMap = g.iter().filter(|(k, _)| keep.contains(k)).map(|(k, v)| (*k, v.clone())).collect();
-            *g = Arc::new(m);
+    pub fn retain(&self, keep: &std::collections::HashSet<(u32, u32)>) -> Result<()> {
+        let Ok(mut g) = self.layers.write() else { return Err(WorkerError::Internal("expert map poisoned".into())) };
+        let mut m = LayerMap::new();
+        for (&l, x) in g.iter() {
+            let held = x.experts();
+            let kept: Vec<u32> = held.iter().copied().filter(|&e| keep.contains(&(l, e))).collect();
+            if kept.len() == held.len() {
+                m.insert(l, x.clone());
+            } else if !kept.is_empty() {
+                m.insert(l, x.subset(&kept)?);
+            }
         }
+        *g = Arc::new(m);
+        Ok(())
     }
 
     pub fn counters(&self) -> Vec<ExpertLoad> {
@@ -120,47 +150,36 @@ impl ExpertStore {
     /// Compute one chunk that [`check_batch`] accepted; answers the same rows in the same order.
     pub async fn compute_chunk(&self, b: ExpertBatch, shape: BatchShape) -> Result<ExpertResult> {
         let s = &self.spec;
-        let experts = self.snapshot();
-        let mut ffns = Vec::with_capacity(b.experts.len());
-        for &e in &b.experts {
-            match experts.get(&(b.layer, e)) {
-                Some(f) => ffns.push(f.clone()),
-                None => {
-                    let epoch = self.epoch();
-                    return Err(WorkerError::NotHeld {
-                        epoch,
-                        detail: format!(
-                            "worker {} does not hold layer {} expert {e} (its placement epoch is {epoch}; the request used epoch {})",
-                            self.worker_id, b.layer, b.epoch
-                        ),
-                    });
-                }
-            }
-        }
+        let layer = self.layer(b.layer);
+        let missing = b.experts.iter().find(|&&e| !layer.as_ref().is_some_and(|l| l.holds(e)));
+        let (Some(layer), None) = (layer, missing) else {
+            let epoch = self.epoch();
+            let e = missing.copied().unwrap_or_default();
+            return Err(WorkerError::NotHeld {
+                epoch,
+                detail: format!(
+                    "worker {} does not hold layer {} expert {e} (its placement epoch is {epoch}; the request used epoch {})",
+                    self.worker_id, b.layer, b.epoch
+                ),
+            });
+        };
         let (h, dtype, rows) = (s.hidden, shape.dtype, shape.rows);
-        let seg_rows = b.rows.clone();
+        check_finite_bytes(dtype, &b.data, h, "ExpertBatch.data")?;
+        let groups = Groups::from_counts(b.experts.iter().zip(&b.rows).map(|(&e, &r)| (e, r as usize)));
+        let backend = self.backend.clone();
         let data = b.data.clone();
-        let out = on_pool(move || -> Result<Vec<u8>> {
-            let mut x = vec![0f32; rows * h];
-            decode_f32(dtype, &data, &mut x)?;
-            check_finite(&x, h, "ExpertBatch.data")?;
-            let mut y = vec![0f32; rows * h];
-            let mut off = 0;
-            for (ffn, &r) in ffns.iter().zip(&seg_rows) {
-                let r = r as usize;
-                ffn.forward(&x[off * h..(off + r) * h], r, &mut y[off * h..(off + r) * h])?;
-                off += r;
-            }
-            let mut bytes = Vec::with_capacity(rows * h * dtype.size());
-            encode_f32(dtype, &y, &mut bytes)?;
-            Ok(bytes)
+        let out = on_pool(move || -> Result<Bytes> {
+            let x = backend.upload(HostRows::new(dtype, rows, h, data)?)?;
+            let mut y = backend.alloc(dtype, rows, h)?;
+            layer.forward(&*x, &groups, &mut *y)?;
+            Ok(backend.download(y)?.data)
         })
         .await??;
         for (&e, &r) in b.experts.iter().zip(&b.rows) {
             let c = &self.counters[b.layer as usize * s.n_routed + e as usize];
             let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(r as u64)));
         }
-        Ok(ExpertResult { chunk: b.chunk, dtype: dtype_to_proto(dtype), rows: rows as u32, data: Bytes::from(out) })
+        Ok(ExpertResult { chunk: b.chunk, dtype: dtype_to_proto(dtype), rows: rows as u32, data: out })
     }
 }
 

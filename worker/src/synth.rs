@@ -122,7 +122,7 @@ fn put_weight(
 
 /// Bytes a generated checkpoint of `spec` takes in `dtype`.
 pub fn estimate_bytes(spec: &ModelSpec, dtype: DType) -> u64 {
-    let per_layer = (spec.n_routed as u64 * spec.expert_params() + 3 * (spec.hidden * spec.shared_ffn()) as u64)
+    let per_layer = (spec.n_routed as u64 * spec.expert_params() + 3 * (spec.hidden * spec.shared_ffn) as u64)
         * dtype.size() as u64
         + (spec.n_routed * spec.hidden * 4) as u64;
     per_layer * spec.moe_layers().len() as u64
@@ -209,7 +209,12 @@ pub fn generate(out_dir: &Path, opts: &GenOptions) -> Result<GenSummary> {
             ffn(&mut t, &|p| spec.expert_weight_name(l, x, p), f)?;
         }
         if spec.n_shared > 0 {
-            ffn(&mut t, &|p| spec.shared_weight_name(l, p), spec.shared_ffn())?;
+            ffn(&mut t, &|p| spec.shared_weight_name(l, p), spec.shared_ffn)?;
+        }
+        if spec.shared_gate {
+            // Qwen2-MoE: sigmoid(x . g) scales the shared expert per token; spread so it varies.
+            let g = random_matrix(&mut rng, 1, h, 1.5 / (h as f64).sqrt());
+            t.insert(spec.shared_gate_name(l), OwnedTensor::from_f32(gate_dtype, vec![1, h], &g)?);
         }
         let fname = format!("model-{:05}-of-{:05}.safetensors", i + 1, nfiles);
         for (name, tensor) in &t {

@@ -8,12 +8,12 @@ use bytes::Bytes;
 use expertmesh_core::config::{preset_config, PresetOverrides};
 use expertmesh_core::limits::{check_address, check_id, checked_product};
 use expertmesh_core::ModelSpec;
+use expertmesh_dispatcher::wire::{parse_grpc_timeout, tensor_to_f32, tensor_to_i64};
 use expertmesh_proto::v1::{
     DeviceInfo, ExpertBatch, ExpertLoad, ForwardRequest, LoadReport, RegisterRequest, Tensor, WorkerInfo,
 };
 use expertmesh_worker::limits::{check_batch, check_forward_shape, Limits, StreamCheck};
 use expertmesh_worker::service::{forward_cost, forward_input};
-use expertmesh_worker::wire::{parse_grpc_timeout, tensor_to_f32, tensor_to_i64};
 use proptest::prelude::*;
 use prost::Message;
 
@@ -135,11 +135,11 @@ proptest! {
         }
         if let Ok(r) = RegisterRequest::decode(bytes.as_slice()) {
             if let Some(w) = &r.worker {
-                let _ = expertmesh_coordinator::validate::check_worker_info(w);
+                let _ = expertmesh_cluster::validate::check_worker_info(w);
             }
         }
         if let Ok(r) = LoadReport::decode(bytes.as_slice()) {
-            let _ = expertmesh_coordinator::validate::check_load_report(&s, &r);
+            let _ = expertmesh_cluster::validate::check_load_report(&s, &r);
         }
     }
 
@@ -176,7 +176,7 @@ proptest! {
                 prop_assert!(v.contains(':') && v.len() <= 256);
             }
             let _ = parse_grpc_timeout(v);
-            let keys = expertmesh_coordinator::keys::ClusterKeys::new("c");
+            let keys = expertmesh_cluster::keys::ClusterKeys::new("c");
             let _ = keys.parse(&format!("{}{v}", keys.root()));
         }
     }
@@ -196,14 +196,15 @@ proptest! {
             node: "n".into(),
             devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: memory, tflops }],
         };
-        if expertmesh_coordinator::validate::check_worker_info(&w).is_ok() {
+        if expertmesh_cluster::validate::check_worker_info(&w).is_ok() {
             prop_assert!(tflops.is_finite() && tflops >= 0.0);
         }
         let r = LoadReport {
             worker_id: "w".into(),
             epoch: 0,
             experts: loads.into_iter().map(|(layer, expert, tokens)| ExpertLoad { layer, expert, tokens }).collect(),
+            ..Default::default()
         };
-        let _ = expertmesh_coordinator::validate::check_load_report(&spec(), &r);
+        let _ = expertmesh_cluster::validate::check_load_report(&spec(), &r);
     }
 }

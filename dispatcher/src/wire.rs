@@ -2,9 +2,10 @@
 
 use bytes::Bytes;
 use expertmesh_core::dtype::{decode_f32, encode_f32, DType};
+use expertmesh_core::limits::{checked_bytes, checked_product};
 use expertmesh_proto::v1::{DType as PDType, Tensor};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{Error, Result};
 
 /// Map a protocol dtype number to a dtype, naming the field when it is unknown.
 pub fn dtype_from_proto(v: i32, field: &str) -> Result<DType> {
@@ -14,7 +15,7 @@ pub fn dtype_from_proto(v: i32, field: &str) -> Result<DType> {
         Ok(PDType::DtypeF16) => Ok(DType::F16),
         Ok(PDType::DtypeI64) => Ok(DType::I64),
         Ok(PDType::DtypeI32) => Ok(DType::I32),
-        _ => Err(WorkerError::InvalidInput(format!(
+        _ => Err(Error::InvalidInput(format!(
             "{field}: unknown dtype {v}; expected DTYPE_F32 (1), DTYPE_BF16 (2), DTYPE_F16 (3), DTYPE_I64 (4) or DTYPE_I32 (5)"
         ))),
     }
@@ -32,9 +33,9 @@ pub fn dtype_to_proto(d: DType) -> i32 {
 }
 
 fn check_len(t: &Tensor, d: DType, field: &str) -> Result<usize> {
-    let need = crate::limits::expected_bytes(t, d, field)?;
+    let need = expected_bytes(t, d, field)?;
     if t.data.len() != need {
-        return Err(WorkerError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "{field}: {} bytes of data; shape {:?} of {} needs {need} (truncated or padded tensor)",
             t.data.len(),
             t.shape,
@@ -48,7 +49,7 @@ fn check_len(t: &Tensor, d: DType, field: &str) -> Result<usize> {
 pub fn tensor_to_f32(t: &Tensor, field: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     let d = dtype_from_proto(t.dtype, field)?;
     if !d.is_float() {
-        return Err(WorkerError::InvalidInput(format!("{field}: dtype {}; expected f32, bf16 or f16", d.name())));
+        return Err(Error::InvalidInput(format!("{field}: dtype {}; expected f32, bf16 or f16", d.name())));
     }
     let n = check_len(t, d, field)?;
     let mut out = vec![0f32; n];
@@ -63,9 +64,7 @@ pub fn tensor_to_i64(t: &Tensor, field: &str) -> Result<(Vec<i64>, Vec<usize>)> 
     let v = match d {
         DType::I64 => t.data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
         DType::I32 => t.data.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-        other => {
-            return Err(WorkerError::InvalidInput(format!("{field}: dtype {}; expected i64 or i32", other.name())))
-        }
+        other => return Err(Error::InvalidInput(format!("{field}: dtype {}; expected i64 or i32", other.name()))),
     };
     debug_assert_eq!(Vec::<i64>::len(&v), n);
     Ok((v, t.shape.iter().map(|&x| x as usize).collect()))
@@ -125,6 +124,17 @@ pub fn grpc_deadline(md: &tonic::metadata::MetadataMap) -> Option<std::time::Ins
     let d = parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)?;
     let margin = (d / 10).min(std::time::Duration::from_millis(20));
     Some(std::time::Instant::now() + (d - margin))
+}
+
+/// Bytes of a tensor's data as its shape and dtype say, checked; an error names the field.
+pub fn expected_bytes(t: &Tensor, d: DType, field: &str) -> Result<usize> {
+    checked_product(&t.shape).and_then(|n| checked_bytes(n, d.size())).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{field}: shape {:?} of {} does not fit in memory (the element count overflows)",
+            t.shape,
+            d.name()
+        ))
+    })
 }
 
 #[cfg(test)]

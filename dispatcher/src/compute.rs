@@ -5,7 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{Error, Result};
 
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
@@ -23,10 +23,10 @@ pub async fn on_pool<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     });
     match rx.await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(why)) => Err(WorkerError::Internal(format!(
-            "compute task panicked ({why}); this request failed, the process serves on"
-        ))),
-        Err(_) => Err(WorkerError::Internal("compute task was dropped before it answered".into())),
+        Ok(Err(why)) => {
+            Err(Error::Internal(format!("compute task panicked ({why}); this request failed, the process serves on")))
+        }
+        Err(_) => Err(Error::Internal("compute task was dropped before it answered".into())),
     }
 }
 

@@ -1,14 +1,12 @@
-//! The worker's side of the control plane, two ways: through a coordinator's gRPC API, or
-//! straight to etcd (`--store etcd://...`), writing the same keys a coordinator would. With the
-//! store, workers keep serving and following placement while every coordinator is down.
+//! The control plane as workers and dispatchers see it, two ways: through a coordinator's gRPC
+//! API, or straight to etcd (`--store etcd://...`), writing the same keys a coordinator would.
+//! With the store, workers keep serving and following placement while every coordinator is down.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use expertmesh_coordinator::keys::{parse_epoch, ClusterKeys, Key};
-use expertmesh_coordinator::store::{open_store, MetadataStore};
 use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
 use expertmesh_proto::v1::{
     DeregisterRequest, DrainRequest, HeartbeatRequest, LoadReport, PlacementEvent, PlacementPlan, RegisterRequest,
@@ -19,7 +17,10 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 use tracing::{debug, warn};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{ClusterError, Result};
+use crate::keys::{parse_epoch, ClusterKeys, Key};
+use crate::store::{open_store, MetadataStore};
+use crate::watch::{watch_prefix, WatchEvent, WatchOptions};
 
 /// Where a worker (or a dispatcher) finds the control plane.
 #[derive(Debug, Clone)]
@@ -70,7 +71,7 @@ pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Resu
             ControlTarget::Store { url, cluster, lease_ttl } => open_store(url)
                 .await
                 .map(|store| Arc::new(StoreControl { store, keys: ClusterKeys::new(cluster), ttl: *lease_ttl }) as _)
-                .map_err(|e| WorkerError::Unavailable(e.to_string())),
+                .map_err(|e| ClusterError::Unavailable(e.to_string())),
         };
         match attempt {
             Ok(c) => return Ok(c),
@@ -79,7 +80,7 @@ pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Resu
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Err(e) => {
-                return Err(WorkerError::Unavailable(format!("control plane unreachable after {deadline:?}: {e}")))
+                return Err(ClusterError::Unavailable(format!("control plane unreachable after {deadline:?}: {e}")))
             }
         }
     }
@@ -98,7 +99,7 @@ pub async fn connect_coordinator(addrs: &str, deadline: Duration) -> Result<Coor
             }
         }
         if start.elapsed() >= deadline {
-            return Err(WorkerError::Unavailable(format!(
+            return Err(ClusterError::Unavailable(format!(
                 "no coordinator of `{addrs}` reachable after {deadline:?}: {last}"
             )));
         }
@@ -119,7 +120,7 @@ impl GrpcControl {
         // for TCP's retransmission time); pings find a dead connection. The placement watch is
         // a stream: the timeout covers only its opening.
         let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| WorkerError::InvalidInput(format!("coordinator address `{addr}`: {e}")))?
+            .map_err(|e| ClusterError::InvalidInput(format!("coordinator address `{addr}`: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -128,7 +129,7 @@ impl GrpcControl {
             .keep_alive_while_idle(true)
             .connect()
             .await
-            .map_err(|e| WorkerError::Unavailable(format!("coordinator {addr}: {e}")))?;
+            .map_err(|e| ClusterError::Unavailable(format!("coordinator {addr}: {e}")))?;
         let client = CoordinatorClient::new(channel).max_decoding_message_size(256 << 20);
         Ok(Self { client })
     }
@@ -208,8 +209,11 @@ pub struct StoreControl {
     ttl: Duration,
 }
 
-fn store_err(e: expertmesh_coordinator::CoordinatorError) -> WorkerError {
-    WorkerError::Unavailable(e.to_string())
+fn store_err(e: ClusterError) -> ClusterError {
+    match e {
+        ClusterError::Store(_) => ClusterError::Unavailable(e.to_string()),
+        e => e,
+    }
 }
 
 impl StoreControl {
@@ -219,19 +223,13 @@ impl StoreControl {
             None => Ok(None),
         }
     }
-
-    async fn pointers(&self) -> Result<(u64, u64)> {
-        let cur = self.store.get(&self.keys.current()).await.map_err(store_err)?;
-        let pend = self.store.get(&self.keys.pending()).await.map_err(store_err)?;
-        Ok((cur.map(|kv| parse_epoch(&kv.value)).unwrap_or(0), pend.map(|kv| parse_epoch(&kv.value)).unwrap_or(0)))
-    }
 }
 
 #[async_trait]
 impl ControlPlane for StoreControl {
     async fn register(&self, info: &WorkerInfo, _epoch: u64) -> Result<Registration> {
         let config = self.store.get(&self.keys.model_config()).await.map_err(store_err)?.ok_or_else(|| {
-            WorkerError::Unavailable(
+            ClusterError::Unavailable(
                 "no coordinator has published this cluster's model to the store yet (start a coordinator with the same --store and --cluster)".into(),
             )
         })?;
@@ -292,7 +290,10 @@ impl ControlPlane for StoreControl {
     }
 
     async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>> {
-        let (kvs, rev) = self.store.list(&self.keys.placement()).await.map_err(store_err)?;
+        // Listing again every few seconds catches a store watch that stalls without closing.
+        let opts = WatchOptions { resync_every: Some(Duration::from_secs(5)), ..Default::default() };
+        let (kvs, mut watch) =
+            watch_prefix(self.store.clone(), &self.keys.placement(), opts).await.map_err(store_err)?;
         let mut plans: BTreeMap<u64, PlacementPlan> = BTreeMap::new();
         let (mut cur, mut pend) = (0u64, 0u64);
         for kv in &kvs {
@@ -307,7 +308,6 @@ impl ControlPlane for StoreControl {
                 _ => {}
             }
         }
-        let mut watch = self.store.watch(&self.keys.placement(), rev).await.map_err(store_err)?;
         let (tx, rx) = mpsc::channel(16);
         let mut initial = Vec::new();
         if let Some(p) = plans.get(&cur) {
@@ -325,22 +325,20 @@ impl ControlPlane for StoreControl {
                     return;
                 }
             }
-            // A periodic check of the two pointers catches a watch that stalls without closing.
-            let mut check = tokio::time::interval(Duration::from_secs(2));
-            check.tick().await;
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = check.tick() => {
-                        if let Ok((c, p)) = me.pointers().await {
-                            if c != cur || (p > c && p != pend) {
-                                debug!(current = c, pending = p, "placement watch fell behind; listing again");
-                                return;
-                            }
-                        }
-                    }
                     ev = watch.recv() => {
-                        let Some(ev) = ev else { return };
+                        // An outage closes the feed: the caller says so and calls again.
+                        let Some(WatchEvent::Change(ev)) = ev else {
+                            if let Some(WatchEvent::Lost(e)) = &ev {
+                                debug!(error = %e, "placement watch lost the store");
+                            }
+                            if matches!(ev, Some(WatchEvent::Restored)) {
+                                continue;
+                            }
+                            return;
+                        };
                         let Some(value) = ev.value else { continue };
                         let (epoch, committed) = match me.keys.parse(&ev.key) {
                             Some(Key::Plan(e)) => {
@@ -361,10 +359,7 @@ impl ControlPlane for StoreControl {
                             },
                         };
                         if committed {
-                            cur = epoch;
                             plans.retain(|e, _| *e >= epoch);
-                        } else {
-                            pend = epoch;
                         }
                         if tx.send(PlacementEvent { plan: Some(plan), committed }).await.is_err() {
                             return;

@@ -1,23 +1,31 @@
 //! Checkpoint loading: `config.json` plus safetensors (one file, or sharded with
-//! `model.safetensors.index.json`), memory-mapped; a worker reads only the tensors of the
-//! experts it holds. bf16, f16, f32 and FP8 e4m3 with 128x128 `weight_scale_inv` block scales.
+//! `model.safetensors.index.json`); a worker reads only the tensors of the experts it holds.
+//! bf16, f16, f32 and FP8 e4m3 with 128x128 `weight_scale_inv` block scales.
+//!
+//! Expert weights come out in their stored dtype ([`Checkpoint::layer_weights`]), never
+//! dequantised, read with `pread` so that the resident copy is the only one in the process's
+//! memory. Small tensors (routers, scales) are read through a read-only memory map.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use expertmesh_core::dtype::{decode_f32, DType};
 use expertmesh_core::gating::HashTable;
 use expertmesh_core::{Family, ModelSpec, Proj};
-use expertmesh_kernels::FfnWeights;
+use expertmesh_kernels::{BlockScales, ExpertWeights, LayerWeights, StoredMatrix};
 use memmap2::Mmap;
 use safetensors::tensor::TensorInfo;
 
-use crate::error::{Result, WorkerError};
+use crate::error::{Error, Result};
 
 #[derive(Debug)]
 struct ShardFile {
     path: PathBuf,
+    file: File,
     map: Mmap,
     /// Offset of the data section (8 + header length).
     data_start: usize,
@@ -39,10 +47,12 @@ pub struct GateWeights {
     pub weight: Vec<f32>,
     pub bias: Option<Vec<f32>>,
     pub hash: Option<HashTable>,
+    /// Qwen2-MoE: the shared expert's gate [hidden]; its output is scaled by sigmoid(x . g).
+    pub shared_gate: Option<Vec<f32>>,
 }
 
-fn ck_err(msg: impl Into<String>) -> WorkerError {
-    WorkerError::Checkpoint(msg.into())
+fn ck_err(msg: impl Into<String>) -> Error {
+    Error::Checkpoint(msg.into())
 }
 
 impl Checkpoint {
@@ -102,7 +112,7 @@ impl Checkpoint {
                 }
                 tensors.insert(tname, (files.len(), info.clone()));
             }
-            files.push(ShardFile { path, map, data_start });
+            files.push(ShardFile { path, file, map, data_start });
         }
         Ok(Self { dir, spec, config_text, files, tensors })
     }
@@ -119,7 +129,9 @@ impl Checkpoint {
         &self.dir
     }
 
-    fn raw(&self, name: &str) -> Result<(DType, &[usize], &[u8], &Path)> {
+    /// The tensor's file, dtype, info and data range in the file, its byte count checked
+    /// against its shape.
+    fn locate(&self, name: &str) -> Result<(&ShardFile, DType, &TensorInfo, Range<usize>)> {
         let (fi, info) = self
             .tensors
             .get(name)
@@ -128,38 +140,45 @@ impl Checkpoint {
         let dtype = DType::from_safetensors(info.dtype)
             .map_err(|e| ck_err(format!("{}: tensor `{name}`: {e}", f.path.display())))?;
         let (a, b) = info.data_offsets;
-        let bytes = &f.map[f.data_start + a..f.data_start + b];
         let n: usize = info.shape.iter().product();
-        if bytes.len() != n * dtype.size() {
+        if b - a != n * dtype.size() {
             return Err(ck_err(format!(
                 "{}: tensor `{name}` has {} bytes; shape {:?} of {} needs {}",
                 f.path.display(),
-                bytes.len(),
+                b - a,
                 info.shape,
                 dtype.name(),
                 n * dtype.size()
             )));
         }
-        Ok((dtype, &info.shape, bytes, &f.path))
+        Ok((f, dtype, info, f.data_start + a..f.data_start + b))
+    }
+
+    /// [`Self::locate`] for a float tensor of shape `expected`.
+    fn float_tensor(&self, name: &str, expected: &[usize]) -> Result<(&ShardFile, DType, Range<usize>)> {
+        let (f, dtype, info, range) = self.locate(name)?;
+        if !dtype.is_float() {
+            return Err(ck_err(format!(
+                "{}: tensor `{name}` has dtype {}; expected a float dtype (f32, bf16, f16, f8_e4m3)",
+                f.path.display(),
+                dtype.name()
+            )));
+        }
+        if info.shape != expected {
+            return Err(ck_err(format!(
+                "{}: tensor `{name}` has shape {:?}; expected {expected:?}",
+                f.path.display(),
+                info.shape
+            )));
+        }
+        Ok((f, dtype, range))
     }
 
     /// Read a float tensor as f32, checking its shape; FP8 tensors are dequantised with their
     /// `<name>_scale_inv` block scales.
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
-        let (dtype, shape, bytes, path) = self.raw(name)?;
-        if !dtype.is_float() {
-            return Err(ck_err(format!(
-                "{}: tensor `{name}` has dtype {}; expected a float dtype (f32, bf16, f16, f8_e4m3)",
-                path.display(),
-                dtype.name()
-            )));
-        }
-        if shape != expected {
-            return Err(ck_err(format!(
-                "{}: tensor `{name}` has shape {shape:?}; expected {expected:?}",
-                path.display()
-            )));
-        }
+        let (f, dtype, range) = self.float_tensor(name, expected)?;
+        let (bytes, shape) = (&f.map[range], expected);
         let mut out = vec![0f32; shape.iter().product()];
         decode_f32(dtype, bytes, &mut out).map_err(|e| ck_err(format!("`{name}`: {e}")))?;
         if dtype == DType::F8E4M3 {
@@ -183,7 +202,8 @@ impl Checkpoint {
 
     /// Read an integer tensor (i64 or i32) as i64, checking its shape.
     pub fn read_i64(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>> {
-        let (dtype, shape, bytes, path) = self.raw(name)?;
+        let (f, dtype, info, range) = self.locate(name)?;
+        let (shape, bytes, path) = (&info.shape, &f.map[range], &f.path);
         if shape != expected {
             return Err(ck_err(format!(
                 "{}: tensor `{name}` has shape {shape:?}; expected {expected:?}",
@@ -205,37 +225,90 @@ impl Checkpoint {
         }
     }
 
-    fn load_ffn(&self, name: impl Fn(Proj) -> String, ffn: usize) -> Result<FfnWeights> {
+    /// A weight matrix in its stored dtype, checked against `expected` `[rows, cols]`; FP8
+    /// brings its `<name>_scale_inv` block scales.
+    pub fn stored_matrix(&self, name: &str, expected: [usize; 2]) -> Result<StoredMatrix<'static>> {
+        let (f, dtype, range) = self.float_tensor(name, &expected)?;
+        let mut data = vec![0u8; range.len()];
+        f.file
+            .read_exact_at(&mut data, range.start as u64)
+            .map_err(|e| ck_err(format!("{}: reading tensor `{name}`: {e}", f.path.display())))?;
+        let scales = if dtype == DType::F8E4M3 {
+            let block = self.spec.fp8_block.unwrap_or((128, 128));
+            let sname = format!("{name}_scale_inv");
+            let values = self.read_f32(&sname, &[expected[0].div_ceil(block.0), expected[1].div_ceil(block.1)])?;
+            Some(BlockScales { block, values })
+        } else {
+            None
+        };
+        Ok(StoredMatrix { dtype, rows: expected[0], cols: expected[1], data: Cow::Owned(data), scales })
+    }
+
+    fn ffn_weights(&self, expert: u32, name: impl Fn(Proj) -> String, ffn: usize) -> Result<ExpertWeights<'static>> {
         let s = &self.spec;
-        let limit = if s.family == Family::DeepseekV4 { s.swiglu_limit.map(|l| l as f32) } else { None };
-        Ok(FfnWeights {
-            hidden: s.hidden,
-            ffn,
-            w1: self.read_f32(&name(Proj::Gate), &s.proj_shape(Proj::Gate, ffn))?,
-            w3: self.read_f32(&name(Proj::Up), &s.proj_shape(Proj::Up, ffn))?,
-            w2: self.read_f32(&name(Proj::Down), &s.proj_shape(Proj::Down, ffn))?,
-            swiglu_limit: limit,
-        })
+        let m = |p: Proj| self.stored_matrix(&name(p), s.proj_shape(p, ffn));
+        Ok(ExpertWeights { expert, w1: m(Proj::Gate)?, w3: m(Proj::Up)?, w2: m(Proj::Down)? })
     }
 
-    /// One routed expert's weights.
-    pub fn load_expert(&self, layer: usize, expert: usize) -> Result<FfnWeights> {
-        self.spec.check_moe_layer(layer)?;
-        if expert >= self.spec.n_routed {
-            return Err(WorkerError::InvalidInput(format!(
-                "expert {expert} is out of range: layer {layer} has experts 0..{}",
-                self.spec.n_routed
-            )));
+    fn swiglu_limit(&self) -> Option<f32> {
+        let s = &self.spec;
+        if s.family == Family::DeepseekV4 {
+            s.swiglu_limit.map(|l| l as f32)
+        } else {
+            None
         }
-        self.load_ffn(|p| self.spec.expert_weight_name(layer, expert, p), self.spec.moe_ffn)
     }
 
-    /// The fused shared expert of `layer`, if the model has one.
-    pub fn load_shared(&self, layer: usize) -> Result<Option<FfnWeights>> {
-        if self.spec.n_shared == 0 {
+    /// Routed experts `experts` of `layer`, in their stored dtype.
+    pub fn layer_weights(&self, layer: usize, experts: &[u32]) -> Result<LayerWeights<'static>> {
+        self.spec.check_moe_layer(layer)?;
+        let s = &self.spec;
+        let mut out = Vec::with_capacity(experts.len());
+        for &e in experts {
+            if e as usize >= s.n_routed {
+                return Err(Error::InvalidInput(format!(
+                    "expert {e} is out of range: layer {layer} has experts 0..{}",
+                    s.n_routed
+                )));
+            }
+            out.push(self.ffn_weights(e, |p| s.expert_weight_name(layer, e as usize, p), s.moe_ffn)?);
+        }
+        Ok(LayerWeights { layer, hidden: s.hidden, ffn: s.moe_ffn, swiglu_limit: self.swiglu_limit(), experts: out })
+    }
+
+    /// The shared expert of `layer` as a one-expert layer (expert 0), if the model has one.
+    pub fn shared_weights(&self, layer: usize) -> Result<Option<LayerWeights<'static>>> {
+        let s = &self.spec;
+        if s.n_shared == 0 {
             return Ok(None);
         }
-        self.load_ffn(|p| self.spec.shared_weight_name(layer, p), self.spec.shared_ffn()).map(Some)
+        let e = self.ffn_weights(0, |p| s.shared_weight_name(layer, p), s.shared_ffn)?;
+        Ok(Some(LayerWeights {
+            layer,
+            hidden: s.hidden,
+            ffn: s.shared_ffn,
+            swiglu_limit: self.swiglu_limit(),
+            experts: vec![e],
+        }))
+    }
+
+    /// Checkpoint bytes of one routed expert of `layer` (weights and FP8 scales), from the
+    /// headers: what a backend holds, since backends keep the stored dtype.
+    pub fn expert_bytes(&self, layer: usize) -> Result<u64> {
+        let s = &self.spec;
+        s.check_moe_layer(layer)?;
+        let mut total = 0u64;
+        for p in [Proj::Gate, Proj::Up, Proj::Down] {
+            let name = s.expert_weight_name(layer, 0, p);
+            for n in [name.clone(), format!("{name}_scale_inv")] {
+                if let Some((_, info)) = self.tensors.get(&n) {
+                    total += (info.data_offsets.1 - info.data_offsets.0) as u64;
+                } else if n == name {
+                    return Err(ck_err(format!("{}: tensor `{name}` is missing", self.dir.display())));
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// The router of `layer`.
@@ -252,6 +325,8 @@ impl Checkpoint {
         } else {
             None
         };
-        Ok(GateWeights { weight, bias, hash })
+        let shared_gate =
+            if s.shared_gate { Some(self.read_f32(&s.shared_gate_name(layer), &[1, s.hidden])?) } else { None };
+        Ok(GateWeights { weight, bias, hash, shared_gate })
     }
 }

@@ -9,20 +9,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use expertmesh_cluster::control::{connect_coordinator, ControlTarget};
 use expertmesh_core::ModelSpec;
+use expertmesh_dispatcher::dispatcher::DispatcherConfig;
+use expertmesh_dispatcher::moe::load_experts;
+use expertmesh_dispatcher::moe::MoeInput;
+use expertmesh_dispatcher::Checkpoint;
 use expertmesh_kernels::cpu::CpuBackend;
-use expertmesh_kernels::ExpertBackend;
 use expertmesh_proto::v1::ClusterStatusRequest;
-use expertmesh_worker::control::{connect_coordinator, ControlTarget};
-use expertmesh_worker::dispatcher::DispatcherConfig;
-use expertmesh_worker::moe::MoeInput;
 use expertmesh_worker::node::connect_dispatcher;
-use expertmesh_worker::Checkpoint;
 use tokio_util::sync::CancellationToken;
 
-use crate::commands::{percentile, random_batch};
+use super::BenchArgs;
 use crate::local::{LocalCluster, LocalEtcd, LocalOptions};
-use crate::BenchArgs;
+use crate::shared::{parse_wire, percentile, random_batch};
 
 /// The faults `bench --fault` injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -64,15 +64,11 @@ fn window(samples: &[Sample], secs: f64, pick: impl Fn(&Sample) -> bool) -> serd
     })
 }
 
-/// Seconds to load `n` experts of `layer` into this process, in parallel as a worker does.
+/// Seconds to load `n` experts of `layer` into this process, as a worker does.
 fn load_seconds(ck: &Checkpoint, layer: usize, experts: &[u32]) -> Result<f64> {
-    use rayon::prelude::*;
     let backend = CpuBackend::new();
     let t = Instant::now();
-    experts
-        .par_iter()
-        .map(|&e| backend.load_ffn(ck.load_expert(layer, e as usize)?).map(|_| ()).map_err(anyhow::Error::from))
-        .collect::<Result<Vec<()>>>()?;
+    load_experts(ck, &backend, layer, experts, None, &[])?;
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -133,7 +129,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     for c in 0..a.concurrency.max(1) {
         let (d, samples, inputs, stop, victim_experts) =
             (d.clone(), samples.clone(), inputs.clone(), stop.clone(), victim_experts.clone());
-        let wire = crate::commands::parse_wire(&a.wire)?;
+        let wire = parse_wire(&a.wire)?;
         clients.push(tokio::spawn(async move {
             let mut i = c;
             while !stop.is_cancelled() {
@@ -171,8 +167,8 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     // expired): the detection part of recovery.
     let detected = Arc::new(Mutex::new(None::<Instant>));
     {
-        let store = expertmesh_coordinator::store::open_store(&etcd.url()).await?;
-        let key = expertmesh_coordinator::keys::ClusterKeys::new("default").worker(&victim_id);
+        let store = expertmesh_cluster::store::open_store(&etcd.url()).await?;
+        let key = expertmesh_cluster::keys::ClusterKeys::new("default").worker(&victim_id);
         let mut w = store.watch(&key, 0).await?;
         let detected = detected.clone();
         tokio::spawn(async move {

@@ -2,7 +2,7 @@
 //! (so a silent one is noticed after a budget derived from its own history, not a fixed
 //! timeout), whether it is suspect (failed, or went silent), and a throttle on speculative
 //! hedges. A suspect destination gets no new rows while a live replica exists; a background
-//! probe (its gRPC health service) clears the suspicion when it answers again.
+//! probe (the transport's, for gRPC the worker's health service) clears the suspicion when it answers again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tracing::{debug, info};
+
+use crate::transport::ExpertTransport;
 
 /// Hedging knobs (flags of `expertmesh worker`).
 #[derive(Debug, Clone)]
@@ -277,7 +279,12 @@ impl Health {
 
     /// Probe a suspect destination's health service until it answers (then clear it) or
     /// `still_placed` says it left the placement (then stop). Backs off from 100 ms to 2 s.
-    pub fn spawn_probe(self: &Arc<Self>, address: String, still_placed: impl Fn(&str) -> bool + Send + 'static) {
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        address: String,
+        transport: Arc<dyn ExpertTransport>,
+        still_placed: impl Fn(&str) -> bool + Send + 'static,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(100);
@@ -293,7 +300,7 @@ impl Health {
                     return;
                 }
                 let limit = me.cfg.cap.min(Duration::from_secs(1));
-                match expertmesh_proto::health_check(&address, expertmesh_proto::EXPERT_SERVICE, limit).await {
+                match transport.probe(&address, limit).await {
                     Ok(()) => {
                         me.clear(&address);
                         return;

@@ -96,6 +96,7 @@ mod tests {
             worker_id: "w1".into(),
             epoch: 1,
             experts: vec![ExpertLoad { layer: l, expert: 3, tokens: u64::MAX }],
+            ..Default::default()
         };
         assert!(check_load_report(&spec, &ok).is_ok(), "huge counts are fine: sums saturate");
         let mut bad = ok.clone();

@@ -26,19 +26,19 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use expertmesh_core::dtype::{decode_f32, encode_f32, DType};
+use expertmesh_core::gating::Routing;
 use expertmesh_core::ModelSpec;
-use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use expertmesh_proto::v1::{ExpertBatch, PlacementPlan, WorkerInfo};
-use prost::Message;
-use tokio::sync::{mpsc, watch, Mutex};
+use expertmesh_proto::v1::{PlacementPlan, WorkerInfo};
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-use crate::error::{Result, WorkerError};
+use crate::error::{Error, Result};
 use crate::health::{DestSnapshot, Health, HedgeConfig};
-use crate::moe::{combine, shared_expert, Frontend, MoeInput, MoeOutput};
-use crate::wire::dtype_to_proto;
+use crate::moe::{combine_off_runtime, shared_expert, validate_input, Frontend, MoeInput, MoeOutput};
+pub use crate::transport::WireStats;
+use crate::transport::{ExpertTransport, GrpcTransport, OutChunk, SendHeader};
 
 /// The committed placement in the form the hot path reads.
 #[derive(Debug, Clone)]
@@ -94,19 +94,11 @@ impl Default for DispatcherConfig {
     }
 }
 
-/// Bytes this dispatcher put on and took off the wire (gRPC messages: protobuf + the 5-byte
-/// gRPC prefix, HTTP/2 frame headers excluded), and how often it had to route around trouble.
-#[derive(Debug, Default)]
-pub struct WireStats {
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub payload_sent: AtomicU64,
-    pub payload_received: AtomicU64,
-    /// Sends whose unanswered rows were re-sent to a replica after a silence.
-    pub hedges: AtomicU64,
-    /// Sends given up: failed, silent past `rpc_timeout`, or cancelled by a placement change.
-    pub failed_sends: AtomicU64,
-    pub cancelled_sends: AtomicU64,
+impl DispatcherConfig {
+    /// The gRPC transport with these settings' message limit and connect timeout.
+    pub fn grpc_transport(&self) -> Arc<dyn ExpertTransport> {
+        Arc::new(GrpcTransport::new(self.max_message_bytes, Duration::from_secs(5).min(self.rpc_timeout)))
+    }
 }
 
 /// Rows routed to one expert: (expert, pair indices).
@@ -153,20 +145,23 @@ fn plan_chunks(segs: Vec<Segment>, rows_per_chunk: usize) -> Vec<Chunk> {
 /// What a send task tells its request.
 #[derive(Debug)]
 enum SendEvent {
-    /// One chunk answered: its pairs and their rows [pairs, hidden].
-    Answer { send: u64, pairs: Vec<u32>, rows: Vec<f32> },
+    /// One chunk answered: its pairs and their rows [pairs, hidden] in the wire dtype (length
+    /// checked), decoded straight into the request's output.
+    Answer { send: u64, pairs: Vec<u32>, rows: Bytes },
     /// Every chunk answered.
     Done { send: u64 },
     /// The stream ended with an error before every chunk was answered.
-    Failed { send: u64, err: WorkerError },
+    Failed { send: u64, err: Error },
 }
 
 /// Routes MoE layers across the cluster.
 #[derive(Debug)]
 pub struct Dispatcher {
-    front: Frontend,
+    spec: ModelSpec,
+    /// The checkpoint's routers and shared experts, when this dispatcher gates itself.
+    router: Option<Frontend>,
+    transport: Arc<dyn ExpertTransport>,
     table: RouteTableRx,
-    clients: Mutex<HashMap<String, ExpertServiceClient<Channel>>>,
     cfg: DispatcherConfig,
     stats: Arc<WireStats>,
     health: Arc<Health>,
@@ -178,7 +173,15 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    pub fn new(front: Frontend, table: RouteTableRx, cfg: DispatcherConfig) -> Self {
+    /// A dispatcher for `spec`'s layers that takes routing from its caller
+    /// ([`Dispatcher::forward_routed`]); placement comes from `table`, rows travel over
+    /// `transport`. [`Dispatcher::with_router`] lets it gate by itself.
+    pub fn new(
+        spec: ModelSpec,
+        transport: Arc<dyn ExpertTransport>,
+        table: RouteTableRx,
+        cfg: DispatcherConfig,
+    ) -> Self {
         let health = Health::new(HedgeConfig {
             min: cfg.hedge_min,
             initial: Duration::from_secs(1).min(cfg.rpc_timeout),
@@ -186,9 +189,10 @@ impl Dispatcher {
             ratio: 0.1,
         });
         Self {
-            front,
+            spec,
+            router: None,
+            transport,
             table,
-            clients: Mutex::new(HashMap::new()),
             cfg,
             stats: Arc::new(WireStats::default()),
             health,
@@ -204,12 +208,19 @@ impl Dispatcher {
         let _ = self.unreachable.set(tx);
     }
 
-    pub fn spec(&self) -> &ModelSpec {
-        self.front.spec()
+    /// Gate from the checkpoint's routers and add the shared experts ([`Dispatcher::forward`]).
+    pub fn with_router(mut self, front: Frontend) -> Self {
+        self.router = Some(front);
+        self
     }
 
-    pub fn frontend(&self) -> &Frontend {
-        &self.front
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The checkpoint-backed router, if this dispatcher gates itself.
+    pub fn frontend(&self) -> Option<&Frontend> {
+        self.router.as_ref()
     }
 
     pub fn config(&self) -> &DispatcherConfig {
@@ -236,8 +247,8 @@ impl Dispatcher {
         let wait = tokio::time::timeout_at(until.into(), rx.wait_for(ok)).await;
         match wait {
             Ok(Ok(t)) => Ok(t.clone().expect("checked by wait_for")),
-            Ok(Err(_)) => Err(WorkerError::Unavailable("placement watch closed".into())),
-            Err(_) => Err(WorkerError::Unavailable(match after {
+            Ok(Err(_)) => Err(Error::Unavailable("placement watch closed".into())),
+            Err(_) => Err(Error::Unavailable(match after {
                 None => format!(
                     "no placement committed within {:?} (`expertmesh status` shows workers that cannot load their experts)",
                     self.cfg.placement_wait
@@ -247,37 +258,13 @@ impl Dispatcher {
         }
     }
 
-    async fn client(&self, addr: &str) -> Result<ExpertServiceClient<Channel>> {
-        let mut g = self.clients.lock().await;
-        if let Some(c) = g.get(addr) {
-            return Ok(c.clone());
-        }
-        // A member's address was checked when it registered; one that still does not parse is
-        // that worker's fault, never the caller's: an Unavailable destination, not bad input.
-        expertmesh_core::limits::check_address("worker address", addr).map_err(WorkerError::Unavailable)?;
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| WorkerError::Unavailable(format!("worker address `{addr}`: {e}")))?
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .connect_timeout(Duration::from_secs(5).min(self.cfg.rpc_timeout))
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
-        let c = ExpertServiceClient::new(ch)
-            .max_decoding_message_size(self.cfg.max_message_bytes)
-            .max_encoding_message_size(self.cfg.max_message_bytes);
-        g.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
     /// Forget connections and health of workers no committed placement names any more.
     async fn prune(&self, table: &RouteTable) {
         if self.pruned_epoch.swap(table.epoch, Ordering::AcqRel) == table.epoch {
             return;
         }
         let keep: HashSet<String> = table.workers.iter().map(|w| w.address.clone()).collect();
-        self.clients.lock().await.retain(|a, _| keep.contains(a));
+        self.transport.retain(&keep);
         self.health.retain(&keep);
     }
 
@@ -291,45 +278,90 @@ impl Dispatcher {
     fn suspect(&self, address: &str, why: &str) {
         if self.health.mark_suspect(address, why) {
             let rx = self.table.clone();
-            self.health
-                .spawn_probe(address.to_string(), move |a| rx.borrow().as_ref().is_some_and(|t| t.names_address(a)));
+            let placed = move |a: &str| rx.borrow().as_ref().is_some_and(|t| t.names_address(a));
+            self.health.spawn_probe(address.to_string(), self.transport.clone(), placed);
         }
     }
 
-    /// One MoE block across the cluster, within `request_timeout`.
+    /// One MoE block across the cluster, gated from the checkpoint, within `request_timeout`.
     pub async fn forward(&self, inp: MoeInput, wire: DType) -> Result<MoeOutput> {
         self.forward_until(inp, wire, None).await
     }
 
-    /// One MoE block across the cluster, done by `deadline` (default: `request_timeout` from now)
-    /// or failed DEADLINE_EXCEEDED naming what was missing.
+    /// One MoE block across the cluster (routed experts by the checkpoint's router, plus the
+    /// shared expert), done by `deadline` (default: `request_timeout` from now) or failed
+    /// DEADLINE_EXCEEDED naming what was missing. Needs [`Dispatcher::with_router`].
     pub async fn forward_until(&self, inp: MoeInput, wire: DType, deadline: Option<Instant>) -> Result<MoeOutput> {
-        if !matches!(wire, DType::BF16 | DType::F32) {
-            return Err(WorkerError::InvalidInput(format!("wire dtype {}; expected bf16 or f32", wire.name())));
-        }
-        self.front.validate(&inp)?;
+        let Some(router) = &self.router else {
+            return Err(Error::InvalidInput(
+                "this dispatcher has no checkpoint to gate with; pass the routing (forward_routed)".into(),
+            ));
+        };
+        check_wire(wire)?;
+        router.validate(&inp)?;
         let arrived = Instant::now();
         let deadline = deadline.unwrap_or(arrived + self.cfg.request_timeout);
-        let layer = inp.layer;
-        let late = |what: &str| {
-            WorkerError::DeadlineExceeded(format!(
-                "layer {layer}: the request's deadline ({:?} after it arrived) passed {what}",
-                deadline.saturating_duration_since(arrived)
-            ))
-        };
+        let late = late_error(inp.layer, arrived, deadline);
         if deadline <= arrived {
             return Err(late("before it arrived"));
         }
-        let spec = self.front.spec().clone();
         let inp = Arc::new(inp);
-        let front = tokio::time::timeout_at(deadline.into(), self.front.layer(inp.layer))
+        let front = tokio::time::timeout_at(deadline.into(), router.layer(inp.layer))
             .await
             .map_err(|_| late("while the layer's router loaded"))??;
-        let routing = tokio::time::timeout_at(deadline.into(), self.front.gate(&front, &inp))
+        let routing = tokio::time::timeout_at(deadline.into(), router.gate(&front, &inp))
             .await
             .map_err(|_| late("while gating"))??;
         // The shared expert runs on the compute pool while the routed rows are on the wire.
-        let shared = tokio::spawn(shared_expert(front.clone(), inp.clone()));
+        let shared = tokio::spawn(shared_expert(router.backend().clone(), front.clone(), inp.clone(), wire));
+        let (y, epoch) = match self.dispatch(inp, &routing.indices, wire, arrived, deadline).await {
+            Ok(r) => r,
+            Err(e) => {
+                shared.abort();
+                return Err(e);
+            }
+        };
+        let shared = shared.await.map_err(|e| Error::Internal(format!("shared expert task: {e}")))??;
+        let (output, routing) = combine_off_runtime(self.spec.hidden, routing, y, shared).await?;
+        Ok(MoeOutput { output, routing, epoch })
+    }
+
+    /// The routed experts of one MoE block across the cluster, with the caller's routing (an
+    /// inference engine that gates on its own device): `routing.indices[t * k + j]` is token
+    /// t's j-th expert and `routing.weights[t * k + j]` its weight. The output is
+    /// `sum_j w[t, j] * expert_j(x[t])`, summed in slot order; the shared expert, if the model
+    /// has one, is the caller's. No checkpoint is read.
+    pub async fn forward_routed(
+        &self,
+        inp: MoeInput,
+        routing: Routing,
+        wire: DType,
+        deadline: Option<Instant>,
+    ) -> Result<MoeOutput> {
+        check_wire(wire)?;
+        validate_input(&self.spec, &inp)?;
+        check_routing(&self.spec, &routing, inp.tokens)?;
+        let arrived = Instant::now();
+        let deadline = deadline.unwrap_or(arrived + self.cfg.request_timeout);
+        if deadline <= arrived {
+            return Err(late_error(inp.layer, arrived, deadline)("before it arrived"));
+        }
+        let (y, epoch) = self.dispatch(Arc::new(inp), &routing.indices, wire, arrived, deadline).await?;
+        let (output, routing) = combine_off_runtime(self.spec.hidden, routing, y, None).await?;
+        Ok(MoeOutput { output, routing, epoch })
+    }
+
+    /// Compute every routed pair (`expert_of[p]` for pair p = t * k + j) on the workers that
+    /// hold the experts: the outputs [pairs, hidden] and the placement epoch used.
+    async fn dispatch(
+        &self,
+        inp: Arc<MoeInput>,
+        expert_of: &[u32],
+        wire: DType,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> Result<(Vec<f32>, u64)> {
+        let layer = inp.layer;
         let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let current = self.table.borrow().clone();
         let table = match current {
@@ -338,29 +370,69 @@ impl Dispatcher {
                 let until = deadline.min(arrived + self.cfg.placement_wait);
                 self.route_table_until(None, until).await.map_err(|e| {
                     if Instant::now() >= deadline {
-                        late("waiting for a committed placement")
+                        late_error(layer, arrived, deadline)("waiting for a committed placement")
                     } else {
-                        missing_error(layer, routing.indices.clone(), &e.to_string())
+                        missing_error(layer, expert_of.to_vec(), &e.to_string())
                     }
                 })?
             }
         };
         self.prune(&table).await;
-        let mut flight = Flight::new(self, rid, inp.clone(), wire, &routing.indices, table, deadline, arrived);
-        let y = flight.run().await;
-        let epoch = flight.table.epoch;
-        drop(flight);
-        let y = match y {
-            Ok(y) => y,
-            Err(e) => {
-                shared.abort();
-                return Err(e);
-            }
-        };
-        let shared = shared.await.map_err(|e| WorkerError::Internal(format!("shared expert task: {e}")))??;
-        let output = combine(spec.hidden, &routing, &y, shared.as_deref());
-        Ok(MoeOutput { output, routing, epoch })
+        let mut flight = Flight::new(self, rid, inp, wire, expert_of, table, deadline, arrived);
+        let y = flight.run().await?;
+        Ok((y, flight.table.epoch))
     }
+}
+
+fn check_wire(wire: DType) -> Result<()> {
+    match wire {
+        DType::BF16 | DType::F32 => Ok(()),
+        _ => Err(Error::InvalidInput(format!("wire dtype {}; expected bf16 or f32", wire.name()))),
+    }
+}
+
+/// DEADLINE_EXCEEDED for a request on `layer`, saying where it was when the deadline passed.
+fn late_error(layer: usize, arrived: Instant, deadline: Instant) -> impl Fn(&str) -> Error {
+    move |what: &str| {
+        Error::DeadlineExceeded(format!(
+            "layer {layer}: the request's deadline ({:?} after it arrived) passed {what}",
+            deadline.saturating_duration_since(arrived)
+        ))
+    }
+}
+
+/// A caller's routing against the model: top-k slots per token, experts in range, finite
+/// weights.
+fn check_routing(spec: &ModelSpec, r: &Routing, tokens: usize) -> Result<()> {
+    let k = spec.top_k;
+    if r.top_k != k {
+        return Err(Error::InvalidInput(format!("routing has top_k {}; the model routes each token to {k}", r.top_k)));
+    }
+    for (what, n) in [("indices", r.indices.len()), ("weights", r.weights.len())] {
+        if n != tokens * k {
+            return Err(Error::InvalidInput(format!(
+                "routing {what} has {n} entries; expected tokens x top_k = {tokens} x {k} = {}",
+                tokens * k
+            )));
+        }
+    }
+    if let Some((p, e)) = r.indices.iter().enumerate().find(|(_, e)| **e as usize >= spec.n_routed) {
+        return Err(Error::InvalidInput(format!(
+            "routing indices[{p}] (token {}, slot {}) = expert {e}; the model has experts 0..{}",
+            p / k,
+            p % k,
+            spec.n_routed
+        )));
+    }
+    if let Some(p) = r.weights.iter().position(|w| !w.is_finite()) {
+        return Err(Error::InvalidInput(format!(
+            "routing weights[{p}] (token {}, slot {}) is {}; weights must be finite",
+            p / k,
+            p % k,
+            r.weights[p]
+        )));
+    }
+    Ok(())
 }
 
 /// One in-flight send (one stream to one destination).
@@ -440,7 +512,7 @@ impl<'a> Flight<'a> {
         arrived: Instant,
     ) -> Self {
         let n = expert_of.len();
-        let h = d.front.spec().hidden;
+        let h = d.spec.hidden;
         let (events_tx, events_rx) = mpsc::channel(8);
         // Pairs in expert order, each expert's pairs in token order.
         let mut pending: Vec<u32> = (0..n as u32).collect();
@@ -552,7 +624,7 @@ impl<'a> Flight<'a> {
         let silent: Vec<u64> = self.sends.iter().filter(|(_, s)| now >= s.last + timeout).map(|(id, _)| *id).collect();
         for id in silent {
             let Some(s) = self.sends.get(&id) else { continue };
-            let err = WorkerError::Unavailable(format!(
+            let err = Error::Unavailable(format!(
                 "worker {} ({}) answered nothing for {:?} (--rpc-timeout-ms)",
                 s.worker_id, s.address, timeout
             ));
@@ -655,7 +727,7 @@ impl<'a> Flight<'a> {
 
     async fn on_event(&mut self, ev: SendEvent) -> Result<()> {
         match ev {
-            SendEvent::Answer { send, pairs, rows } => {
+            SendEvent::Answer { send, pairs, rows: data } => {
                 let now = Instant::now();
                 if let Some(s) = self.sends.get_mut(&send) {
                     self.d.health.observe(&s.address, now - s.last, pairs.len());
@@ -663,13 +735,18 @@ impl<'a> Flight<'a> {
                     s.answered += 1;
                 }
                 // A late answer from a cancelled or hedged stream is still a correct answer.
-                let h = self.d.front.spec().hidden;
+                let h = self.d.spec.hidden;
+                let row_bytes = h * self.wire.size();
                 for (i, &p) in pairs.iter().enumerate() {
                     let p = p as usize;
                     if !self.filled[p] {
+                        decode_f32(
+                            self.wire,
+                            &data[i * row_bytes..(i + 1) * row_bytes],
+                            &mut self.y[p * h..(p + 1) * h],
+                        )?;
                         self.filled[p] = true;
                         self.remaining -= 1;
-                        self.y[p * h..(p + 1) * h].copy_from_slice(&rows[i * h..(i + 1) * h]);
                     }
                 }
                 Ok(())
@@ -685,18 +762,18 @@ impl<'a> Flight<'a> {
         }
     }
 
-    async fn on_failed(&mut self, id: u64, err: WorkerError) -> Result<()> {
+    async fn on_failed(&mut self, id: u64, err: Error) -> Result<()> {
         let Some(s) = self.sends.remove(&id) else { return Ok(()) };
         self.uncover(&s.pairs);
         self.d.stats.failed_sends.fetch_add(1, Ordering::Relaxed);
         match err {
-            WorkerError::InvalidInput(_) => return Err(err),
-            WorkerError::NotHeld { epoch, .. } if s.epoch < self.table.epoch => {
+            Error::InvalidInput(_) => return Err(err),
+            Error::NotHeld { epoch, .. } if s.epoch < self.table.epoch => {
                 // Routed by an older placement than the one in use now: route again at once.
                 debug!(request = self.rid, worker = %s.worker_id, worker_epoch = epoch, sent_at = s.epoch, epoch = self.table.epoch, "rows sent under an older placement were refused; routing them by the current one");
                 self.requeue_uncovered(&s.pairs);
             }
-            WorkerError::NotHeld { epoch, .. } if epoch > self.table.epoch => {
+            Error::NotHeld { epoch, .. } if epoch > self.table.epoch => {
                 // Alive, and ahead of this placement: the rows wait for the epoch naming the new owner.
                 debug!(request = self.rid, worker = %s.worker_id, worker_epoch = epoch, epoch = self.table.epoch, "worker no longer holds the experts; waiting for the newer placement");
                 let unfilled: Vec<u32> = s.pairs.iter().copied().filter(|&p| self.needs_route(p)).collect();
@@ -707,7 +784,7 @@ impl<'a> Flight<'a> {
                 self.waiting_since.get_or_insert_with(Instant::now);
                 self.last_error = Some(err.to_string());
             }
-            WorkerError::NotHeld { .. } => {
+            Error::NotHeld { .. } => {
                 // Not ahead of us, yet without experts this placement gives it (restarted at the
                 // same address?): treat it as failed until a newer placement names it again.
                 warn!(request = self.rid, worker = %s.worker_id, error = %err, "worker lacks experts the current placement gives it; routing around it");
@@ -715,7 +792,7 @@ impl<'a> Flight<'a> {
                 self.last_error = Some(err.to_string());
                 self.requeue_uncovered(&s.pairs);
             }
-            WorkerError::ResourceExhausted(_) | WorkerError::DeadlineExceeded(_) => {
+            Error::ResourceExhausted(_) | Error::DeadlineExceeded(_) => {
                 // Alive but busy: another live replica takes the rows now; without one, they
                 // go back to the same worker after a short pause.
                 warn!(request = self.rid, worker = %s.worker_id, error = %err, "destination busy; will retry its rows on another replica");
@@ -807,7 +884,7 @@ impl<'a> Flight<'a> {
         let layer = self.layer() as u32;
         let table = self.table.clone();
         let placed = table.layers.get(&layer).ok_or_else(|| {
-            WorkerError::Unavailable(format!("placement epoch {} does not place layer {layer}", table.epoch))
+            Error::Unavailable(format!("placement epoch {} does not place layer {layer}", table.epoch))
         })?;
         let mut by_expert: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for p in std::mem::take(&mut self.pending) {
@@ -821,7 +898,7 @@ impl<'a> Flight<'a> {
         let mut dests: BTreeMap<u32, Vec<Segment>> = BTreeMap::new();
         for (e, mut pairs) in by_expert {
             placed.get(e as usize).filter(|r| !r.is_empty()).ok_or_else(|| {
-                WorkerError::Unavailable(format!(
+                Error::Unavailable(format!(
                     "placement epoch {} has no worker for layer {layer} expert {e}",
                     table.epoch
                 ))
@@ -852,7 +929,7 @@ impl<'a> Flight<'a> {
 
     async fn spawn_send(&mut self, w: u32, segs: Vec<Segment>) {
         let Some(worker) = self.table.workers.get(w as usize).cloned() else { return };
-        let spec = self.d.front.spec();
+        let spec = &self.d.spec;
         let (h, k) = (spec.hidden, spec.top_k);
         let rows_per_chunk = (self.d.cfg.chunk_bytes / (h * self.wire.size())).max(1);
         let chunks = plan_chunks(segs, rows_per_chunk);
@@ -875,10 +952,10 @@ impl<'a> Flight<'a> {
             chunks: chunks.clone(),
             deadline: self.deadline,
             worker_id: worker.worker_id.clone(),
+            address: worker.address.clone(),
             stats: self.d.stats.clone(),
         };
-        let client = self.d.client(&worker.address).await;
-        let task = tokio::spawn(run_send(client, job, self.events_tx.clone()));
+        let task = tokio::spawn(run_send(self.d.transport.clone(), job, self.events_tx.clone()));
         self.sends.insert(
             id,
             Send {
@@ -903,11 +980,11 @@ impl<'a> Flight<'a> {
         experts
     }
 
-    fn missing_error(&self, why: &str) -> WorkerError {
+    fn missing_error(&self, why: &str) -> Error {
         missing_error(self.layer(), self.missing_experts(), why)
     }
 
-    fn deadline_error(&self) -> WorkerError {
+    fn deadline_error(&self) -> Error {
         let now = Instant::now();
         let waiting: Vec<String> = self
             .sends
@@ -919,7 +996,7 @@ impl<'a> Flight<'a> {
         } else {
             waiting.join(", ")
         };
-        WorkerError::DeadlineExceeded(format!(
+        Error::DeadlineExceeded(format!(
             "layer {} experts {:?} were not computed within the request's deadline ({:?} after it arrived); waiting on {on}",
             self.layer(),
             self.missing_experts(),
@@ -941,52 +1018,38 @@ struct SendJob {
     chunks: Vec<Chunk>,
     deadline: Instant,
     worker_id: String,
+    address: String,
     stats: Arc<WireStats>,
 }
 
-/// Stream `job`'s chunks to one worker and report each answer, then Done or Failed. Aborted by
-/// its request when no longer needed (the stream is reset).
-async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, events: mpsc::Sender<SendEvent>) {
+/// Stream `job`'s chunks to one worker over `transport` and report each answer, then Done or
+/// Failed. Aborted by its request when no longer needed (the stream is abandoned).
+async fn run_send(transport: Arc<dyn ExpertTransport>, job: SendJob, events: mpsc::Sender<SendEvent>) {
     let id = job.id;
     let failed = |err| SendEvent::Failed { send: id, err };
-    let mut client = match client {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = events.send(failed(e)).await;
-            return;
-        }
-    };
     let (h, k, wire) = (job.hidden, job.top_k, job.wire);
     let chunks = Arc::new(job.chunks);
-    let (tx, rx) = mpsc::channel::<ExpertBatch>(2);
+    let (tx, rx) = mpsc::channel::<OutChunk>(2);
     let producer = {
-        let (chunks, inp, stats) = (chunks.clone(), job.inp.clone(), job.stats.clone());
-        let (rid, epoch, layer) = (job.rid, job.epoch, job.layer);
+        let (chunks, inp) = (chunks.clone(), job.inp.clone());
         tokio::spawn(async move {
-            let mut rows = Vec::new();
             for (i, c) in chunks.iter().enumerate() {
-                rows.clear();
-                for (_, pairs) in &c.segs {
-                    crate::moe::gather_rows(&inp.hidden_states, h, k, pairs, &mut rows);
-                }
-                let mut data = Vec::new();
-                if encode_f32(wire, &rows, &mut data).is_err() {
+                // Each pair's token row, encoded straight into the wire dtype: one pass.
+                let mut data = Vec::with_capacity(c.rows() * h * wire.size());
+                let encoded = c.segs.iter().flat_map(|(_, pairs)| pairs).try_for_each(|&p| {
+                    let t = p as usize / k;
+                    encode_f32(wire, &inp.hidden_states[t * h..(t + 1) * h], &mut data)
+                });
+                if encoded.is_err() {
                     break;
                 }
-                let b = ExpertBatch {
-                    request_id: rid,
-                    epoch,
-                    layer,
-                    dtype: dtype_to_proto(wire),
-                    hidden: h as u32,
+                let out = OutChunk {
+                    index: i as u32,
                     experts: c.segs.iter().map(|s| s.0).collect(),
                     rows: c.segs.iter().map(|s| s.1.len() as u32).collect(),
                     data: Bytes::from(data),
-                    chunk: i as u32,
                 };
-                stats.bytes_sent.fetch_add(b.encoded_len() as u64 + 5, Ordering::Relaxed);
-                stats.payload_sent.fetch_add(b.data.len() as u64, Ordering::Relaxed);
-                if tx.send(b).await.is_err() {
+                if tx.send(out).await.is_err() {
                     break;
                 }
             }
@@ -999,20 +1062,19 @@ async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, ev
         }
     }
     let _producer = AbortOnDrop(producer);
-    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    req.set_timeout(job.deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)));
-    let mut resp = match client.compute(req).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            let _ = events.send(failed(s.into())).await;
+    let header = SendHeader { request_id: job.rid, epoch: job.epoch, layer: job.layer, dtype: wire, hidden: h };
+    let mut resp = match transport.open(&job.address, header, rx, job.deadline, job.stats.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = events.send(failed(e)).await;
             return;
         }
     };
     for (i, c) in chunks.iter().enumerate() {
-        let r = match resp.message().await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
-                let e = WorkerError::Unavailable(format!(
+        let r = match resp.next().await {
+            Some(Ok(r)) => r,
+            None => {
+                let e = Error::Unavailable(format!(
                     "worker {} closed the stream after {i} of {} chunks",
                     job.worker_id,
                     chunks.len()
@@ -1020,13 +1082,13 @@ async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, ev
                 let _ = events.send(failed(e)).await;
                 return;
             }
-            Err(s) => {
-                let _ = events.send(failed(s.into())).await;
+            Some(Err(e)) => {
+                let _ = events.send(failed(e)).await;
                 return;
             }
         };
         if r.chunk as usize != i || r.rows as usize != c.rows() {
-            let e = WorkerError::Internal(format!(
+            let e = Error::Internal(format!(
                 "worker {} answered chunk {} with {} rows; expected chunk {i} with {}",
                 job.worker_id,
                 r.chunk,
@@ -1036,16 +1098,41 @@ async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, ev
             let _ = events.send(failed(e)).await;
             return;
         }
-        job.stats.bytes_received.fetch_add(r.encoded_len() as u64 + 5, Ordering::Relaxed);
-        job.stats.payload_received.fetch_add(r.data.len() as u64, Ordering::Relaxed);
-        let mut vals = vec![0f32; c.rows() * h];
-        if let Err(e) = decode_f32(wire, &r.data, &mut vals) {
-            let e = WorkerError::Internal(format!("worker {} answered undecodable rows: {e}", job.worker_id));
+        if r.data.len() != c.rows() * h * wire.size() {
+            let e = Error::Internal(format!(
+                "worker {} answered chunk {i} with {} bytes; expected {} rows of {h} {} values ({} bytes)",
+                job.worker_id,
+                r.data.len(),
+                c.rows(),
+                wire.name(),
+                c.rows() * h * wire.size()
+            ));
             let _ = events.send(failed(e)).await;
             return;
         }
+        if i + 1 == chunks.len() {
+            // Read the stream's end (its OK trailers) before the last answer: the request completes
+            // on that answer and drops this task, and a stream dropped before its trailers arrive is
+            // reset. h2 answers frames that arrive on reset streams with resets of its own, and
+            // after 1024 of those closes the whole connection (ENHANCE_YOUR_CALM), failing every
+            // request in flight on it.
+            let end = match resp.next().await {
+                None => None,
+                Some(Ok(extra)) => Some(Error::Internal(format!(
+                    "worker {} sent chunk {} after the last of {} chunks",
+                    job.worker_id,
+                    extra.chunk,
+                    chunks.len()
+                ))),
+                Some(Err(e)) => Some(e),
+            };
+            if let Some(e) = end {
+                let _ = events.send(failed(e)).await;
+                return;
+            }
+        }
         let pairs: Vec<u32> = c.segs.iter().flat_map(|s| s.1.iter().copied()).collect();
-        if events.send(SendEvent::Answer { send: id, pairs, rows: vals }).await.is_err() {
+        if events.send(SendEvent::Answer { send: id, pairs, rows: r.data }).await.is_err() {
             return;
         }
     }
@@ -1053,10 +1140,10 @@ async fn run_send(client: Result<ExpertServiceClient<Channel>>, job: SendJob, ev
 }
 
 /// UNAVAILABLE naming the layer and the (sorted, distinct) experts that could not be computed.
-fn missing_error(layer: usize, mut experts: Vec<u32>, why: &str) -> WorkerError {
+fn missing_error(layer: usize, mut experts: Vec<u32>, why: &str) -> Error {
     experts.sort_unstable();
     experts.dedup();
-    WorkerError::Unavailable(format!(
+    Error::Unavailable(format!(
         "layer {layer} experts {experts:?} could not be computed: {why}; MoeLayer.Forward is idempotent, so retrying is safe"
     ))
 }
@@ -1069,6 +1156,7 @@ pub fn route_table_channel() -> (RouteTableTx, RouteTableRx) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use expertmesh_proto::v1::{ExpertBatch, ExpertResult};
 
     #[test]
     fn chunks_keep_segment_order_and_bound_rows() {
@@ -1079,5 +1167,199 @@ mod tests {
         let flat: Vec<(u32, u32)> =
             c.iter().flat_map(|c| c.segs.iter().flat_map(|(e, p)| p.iter().map(move |p| (*e, *p)))).collect();
         assert_eq!(flat, vec![(3, 0), (3, 1), (3, 2), (3, 3), (3, 4), (5, 7), (9, 8), (9, 9)]);
+    }
+
+    /// A worker that answers every chunk at once (zeros) and ends its stream `end_after` later,
+    /// noting whether the caller had reset the stream by then.
+    struct LateEnd {
+        end_after: Duration,
+        reset: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[tonic::async_trait]
+    impl expertmesh_proto::v1::expert_service_server::ExpertService for LateEnd {
+        type ComputeStream = tokio_stream::wrappers::ReceiverStream<std::result::Result<ExpertResult, tonic::Status>>;
+
+        async fn compute(
+            &self,
+            req: tonic::Request<tonic::Streaming<ExpertBatch>>,
+        ) -> std::result::Result<tonic::Response<Self::ComputeStream>, tonic::Status> {
+            let mut inbound = req.into_inner();
+            let (tx, rx) = mpsc::channel(4);
+            let (end_after, reset) = (self.end_after, self.reset.clone());
+            tokio::spawn(async move {
+                while let Ok(Some(b)) = inbound.message().await {
+                    let rows: u32 = b.rows.iter().sum();
+                    let data = vec![0u8; rows as usize * b.hidden as usize * 2];
+                    let r = ExpertResult { chunk: b.chunk, dtype: b.dtype, rows, data: data.into() };
+                    let _ = tx.send(Ok(r)).await;
+                }
+                tokio::time::sleep(end_after).await;
+                reset.store(tx.is_closed(), Ordering::SeqCst);
+            });
+            Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        }
+
+        async fn counters(
+            &self,
+            _: tonic::Request<expertmesh_proto::v1::CountersRequest>,
+        ) -> std::result::Result<tonic::Response<expertmesh_proto::v1::CountersResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("counters"))
+        }
+    }
+
+    /// Regression: a send reported its last answer before its stream ended; the request then
+    /// completed and dropped the send, resetting the stream. h2 answers the late trailers of a
+    /// reset stream with resets of its own and after 1024 of them closes the whole connection.
+    #[tokio::test]
+    async fn a_send_ends_its_stream_before_its_last_answer() {
+        use expertmesh_proto::v1::expert_service_server::ExpertServiceServer;
+        let reset = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = LateEnd { end_after: Duration::from_millis(200), reset: reset.clone() };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExpertServiceServer::new(svc))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let transport: Arc<dyn ExpertTransport> = DispatcherConfig::default().grpc_transport();
+        let (h, tokens) = (4, 3);
+        let job = SendJob {
+            id: 7,
+            rid: 1,
+            epoch: 1,
+            layer: 0,
+            wire: DType::BF16,
+            hidden: h,
+            top_k: 1,
+            inp: Arc::new(MoeInput { layer: 0, tokens, hidden_states: vec![0.5; tokens * h], input_ids: None }),
+            chunks: plan_chunks(vec![(0, vec![0, 1]), (1, vec![2])], 2),
+            deadline: Instant::now() + Duration::from_secs(10),
+            worker_id: "w0".into(),
+            address: addr.to_string(),
+            stats: Arc::default(),
+        };
+        let (events_tx, mut events) = mpsc::channel(8);
+        let task = tokio::spawn(run_send(transport, job, events_tx));
+        let mut answered = 0;
+        while answered < 3 {
+            match events.recv().await.expect("send events") {
+                SendEvent::Answer { pairs, rows, .. } => {
+                    assert_eq!(rows.len(), pairs.len() * h * DType::BF16.size());
+                    answered += pairs.len();
+                }
+                SendEvent::Failed { err, .. } => panic!("send failed: {err}"),
+                SendEvent::Done { .. } => panic!("done before every answer"),
+            }
+        }
+        // Every row answered: the request completes and drops its sends, as a Flight does.
+        task.abort();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!reset.load(Ordering::SeqCst), "the stream was reset before the worker ended it");
+    }
+
+    /// A transport with no network: each "worker" answers a chunk in this process with a
+    /// stand-in expert, `y = (e + 1) * x`; an address in `down` is unreachable. Shows that the
+    /// dispatcher needs nothing from gRPC: routing, failover and combine run over the trait.
+    #[derive(Debug, Default)]
+    struct Loopback {
+        down: HashSet<String>,
+        opened: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ExpertTransport for Loopback {
+        async fn open(
+            &self,
+            address: &str,
+            header: SendHeader,
+            mut chunks: mpsc::Receiver<OutChunk>,
+            _deadline: Instant,
+            _stats: Arc<WireStats>,
+        ) -> Result<crate::transport::AnswerStream> {
+            self.opened.lock().unwrap().push(address.to_string());
+            if self.down.contains(address) {
+                return Err(Error::Unavailable(format!("{address} is down")));
+            }
+            let (tx, rx) = mpsc::channel(4);
+            let h = header.hidden;
+            tokio::spawn(async move {
+                while let Some(c) = chunks.recv().await {
+                    let total: u32 = c.rows.iter().sum();
+                    let mut x = vec![0f32; total as usize * h];
+                    decode_f32(header.dtype, &c.data, &mut x).unwrap();
+                    let mut row = 0;
+                    for (e, n) in c.experts.iter().zip(&c.rows) {
+                        for v in &mut x[row * h..(row + *n as usize) * h] {
+                            *v *= (*e + 1) as f32;
+                        }
+                        row += *n as usize;
+                    }
+                    let mut data = Vec::new();
+                    encode_f32(header.dtype, &x, &mut data).unwrap();
+                    let a = crate::transport::ChunkAnswer { chunk: c.index, rows: total, data: data.into() };
+                    if tx.send(Ok(a)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Ok(tokio_stream::wrappers::ReceiverStream::new(rx).boxed())
+        }
+
+        async fn probe(&self, address: &str, _limit: Duration) -> Result<()> {
+            if self.down.contains(address) {
+                Err(Error::Unavailable(format!("{address} is down")))
+            } else {
+                Ok(())
+            }
+        }
+
+        fn retain(&self, _keep: &HashSet<String>) {}
+    }
+
+    fn tiny_spec() -> ModelSpec {
+        let cfg = serde_json::json!({
+            "model_type": "mixtral", "hidden_size": 8, "num_hidden_layers": 1, "intermediate_size": 4,
+            "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 10,
+        });
+        ModelSpec::from_config_json(&cfg.to_string()).unwrap()
+    }
+
+    /// Every expert on both workers, w1 unreachable: every answer comes from w0, correct.
+    #[tokio::test]
+    async fn routes_combines_and_fails_over_through_any_transport() {
+        let spec = tiny_spec();
+        let (h, k, tokens) = (spec.hidden, spec.top_k, 5);
+        let worker =
+            |i: usize| WorkerInfo { worker_id: format!("w{i}"), address: format!("mem:{i}"), ..Default::default() };
+        let table = RouteTable {
+            epoch: 3,
+            workers: vec![worker(0), worker(1)],
+            layers: HashMap::from([(0, vec![vec![1, 0]; spec.n_routed])]),
+        };
+        let (tx, rx) = route_table_channel();
+        tx.send(Some(Arc::new(table))).unwrap();
+        let transport = Arc::new(Loopback { down: HashSet::from(["mem:1".to_string()]), ..Default::default() });
+        let d = Dispatcher::new(spec.clone(), transport.clone(), rx, DispatcherConfig::default());
+        let x: Vec<f32> = (0..tokens * h).map(|i| (i % 7) as f32 - 3.0).collect();
+        let indices: Vec<u32> = (0..tokens * k).map(|p| ((p * 3 + p / k) % spec.n_routed) as u32).collect();
+        let weights: Vec<f32> = (0..tokens * k).map(|p| 0.25 + p as f32 / 16.0).collect();
+        let routing = Routing { top_k: k, indices: indices.clone(), weights: weights.clone() };
+        let inp = MoeInput { layer: 0, tokens, hidden_states: x.clone(), input_ids: None };
+        let out = d.forward_routed(inp, routing, DType::F32, None).await.unwrap();
+        assert_eq!(out.epoch, 3);
+        for t in 0..tokens {
+            for i in 0..h {
+                let want: f32 =
+                    (0..k).map(|j| weights[t * k + j] * (indices[t * k + j] + 1) as f32 * x[t * h + i]).sum();
+                let got = out.output[t * h + i];
+                assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "token {t} column {i}: {got} != {want}");
+            }
+        }
+        let opened = transport.opened.lock().unwrap().clone();
+        assert!(opened.contains(&"mem:1".to_string()), "w1 was tried: {opened:?}");
+        assert!(d.stats().failed_sends.load(Ordering::Relaxed) >= 1, "the failed send was counted");
+        assert!(d.destinations().iter().any(|s| s.address == "mem:1" && s.suspect.is_some()), "{:?}", d.destinations());
     }
 }

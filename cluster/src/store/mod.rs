@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::error::{CoordinatorError, Result};
+use crate::error::{ClusterError, Result};
 
 mod embedded;
 mod etcd;
@@ -70,11 +70,11 @@ pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> 
     if let Some(rest) = url.strip_prefix("etcd://") {
         let endpoints: Vec<String> = rest.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
         if endpoints.is_empty() {
-            return Err(CoordinatorError::InvalidInput(format!("store `{url}` names no etcd endpoint")));
+            return Err(ClusterError::InvalidInput(format!("store `{url}` names no etcd endpoint")));
         }
         return Ok(std::sync::Arc::new(EtcdStore::connect(&endpoints).await?));
     }
-    Err(CoordinatorError::InvalidInput(format!(
+    Err(ClusterError::InvalidInput(format!(
         "unknown store `{url}`; expected `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
     )))
 }

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
 use super::{KeyValue, LeaseId, MetadataStore, StoreEvent};
-use crate::error::{CoordinatorError, Result};
+use crate::error::{ClusterError, Result};
 
 /// Events kept for watches that start from a past revision.
 const HISTORY: usize = 4096;
@@ -86,7 +86,7 @@ impl Inner {
     ) -> Result<u64> {
         if let Some(l) = lease {
             if !self.leases.contains_key(&l) {
-                return Err(CoordinatorError::Store(format!("lease {l} not found (expired or revoked)")));
+                return Err(ClusterError::Store(format!("lease {l} not found (expired or revoked)")));
             }
         }
         if let Some((_, _, Some(old))) = self.kv.get(key) {
@@ -132,7 +132,7 @@ impl EmbeddedStore {
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
-        self.inner.lock().map_err(|_| CoordinatorError::Store("embedded store lock poisoned".into()))
+        self.inner.lock().map_err(|_| ClusterError::Store("embedded store lock poisoned".into()))
     }
 }
 
@@ -214,7 +214,7 @@ impl MetadataStore for EmbeddedStore {
             let after = if after == 0 { g.revision } else { after };
             if let Some(first) = g.history.front() {
                 if after + 1 < first.revision {
-                    return Err(CoordinatorError::Store(format!(
+                    return Err(ClusterError::Store(format!(
                         "revision {after} is compacted (oldest kept is {}); list again and watch from its revision",
                         first.revision
                     )));

@@ -8,7 +8,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use tokio::sync::mpsc;
 
 use super::{KeyValue, LeaseId, MetadataStore, StoreEvent};
-use crate::error::{CoordinatorError, Result};
+use crate::error::{ClusterError, Result};
 
 /// A store in an etcd v3 cluster.
 #[derive(Clone)]
@@ -23,8 +23,8 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-fn err(what: &str, e: etcd_client::Error) -> CoordinatorError {
-    CoordinatorError::Store(format!("etcd {what}: {e}"))
+fn err(what: &str, e: etcd_client::Error) -> ClusterError {
+    ClusterError::Store(format!("etcd {what}: {e}"))
 }
 
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
@@ -45,7 +45,7 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         let client = Client::connect(endpoints, Some(opts))
             .await
-            .map_err(|e| CoordinatorError::Store(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
+            .map_err(|e| ClusterError::Store(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
         Ok(Self { client, endpoints: endpoints.to_vec() })
     }
 }
@@ -103,7 +103,7 @@ impl MetadataStore for EtcdStore {
         keeper.keep_alive().await.map_err(|e| err("lease keep-alive", e))?;
         match stream.message().await {
             Ok(Some(r)) => Ok(r.ttl() > 0),
-            Ok(None) => Err(CoordinatorError::Store("etcd lease keep-alive: stream closed".into())),
+            Ok(None) => Err(ClusterError::Store("etcd lease keep-alive: stream closed".into())),
             Err(e) if gone(&e) => Ok(false),
             Err(e) => Err(err("lease keep-alive", e)),
         }

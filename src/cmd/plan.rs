@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use expertmesh_cluster::control::connect_coordinator;
 use expertmesh_core::Family;
 use expertmesh_planner::estimate::{curve, Efficiency};
 use expertmesh_planner::hardware::{Catalog, DeviceSpec, Inventory, Pool};
@@ -13,12 +14,12 @@ use expertmesh_planner::{
     evaluate, report, search, Layout, ModelArch, Phase, PlanInput, Precision, Precisions, Workload,
 };
 use expertmesh_proto::v1::ClusterStatusRequest;
-use expertmesh_worker::control::connect_coordinator;
 
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
     /// Model: a preset (deepseek-v4-pro, deepseek-v4-flash, deepseek-v3, mixtral-8x7b,
-    /// qwen3-30b-a3b), a config.json, or a checkpoint directory holding one.
+    /// qwen1.5-moe-a2.7b, qwen2-57b-a14b, qwen3-30b-a3b), a config.json, or a checkpoint
+    /// directory holding one.
     #[arg(long, default_value = "deepseek-v4-pro")]
     model: String,
     /// Routed experts: fp4, fp8, int8 or bf16 (default: as the model ships; V4 fp4, V3 fp8).

@@ -1,0 +1,71 @@
+//! `expertmesh coordinator`: the control plane.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use expertmesh_coordinator::CoordinatorConfig;
+use expertmesh_dispatcher::Checkpoint;
+
+use crate::env;
+use crate::shared::shutdown_on_signals;
+
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatorArgs {
+    #[arg(long, default_value = "127.0.0.1:7400", env = env::LISTEN)]
+    pub(crate) listen: SocketAddr,
+    /// Checkpoint directory of the model the cluster serves.
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: PathBuf,
+    /// Wait for this many workers before the first placement.
+    #[arg(long, default_value_t = 1, env = env::EXPECT_WORKERS)]
+    pub(crate) expect_workers: usize,
+    /// Copies of every expert, on distinct workers.
+    #[arg(long, default_value_t = 1, env = env::REPLICAS)]
+    pub(crate) replicas: usize,
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    pub(crate) lease_ttl_ms: u64,
+    #[arg(long, default_value = "default", env = env::CLUSTER)]
+    pub(crate) cluster: String,
+    /// Where cluster state lives: `embedded` (in this process) or `etcd://HOST:PORT[,HOST:PORT...]`.
+    #[arg(long, default_value = "embedded", env = env::STORE)]
+    pub(crate) store: String,
+    /// Address workers and other coordinators reach this one at (default: the bound address).
+    #[arg(long, env = env::ADVERTISE)]
+    pub(crate) advertise: Option<String>,
+    /// A worker that does not report ready for a proposed placement within this is left out of
+    /// the next plans for as long again, so it never blocks re-planning for the others.
+    #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
+    pub(crate) ready_timeout_ms: u64,
+}
+
+pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
+    let ck = Checkpoint::open(&a.model).with_context(|| format!("opening model {}", a.model.display()))?;
+    let model_dir = a.model.canonicalize()?.display().to_string();
+    let spec = ck.spec().clone();
+    // Backends hold the checkpoint's dtype: an expert takes its stored bytes (and FP8 scales).
+    let first =
+        *spec.moe_layers().first().ok_or_else(|| anyhow!("{}: the model has no MoE layer", a.model.display()))?;
+    let expert_bytes = ck.expert_bytes(first)?;
+    let cfg = CoordinatorConfig {
+        cluster: a.cluster,
+        model_dir,
+        model_config_json: ck.config_text().to_string(),
+        lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)),
+        expect_workers: a.expect_workers,
+        replicas: a.replicas,
+        expert_bytes,
+        advertise: a.advertise.unwrap_or_default(),
+        ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
+    };
+    let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
+    let ready = |addr| {
+        println!("EXPERTMESH_COORDINATOR_READY addr={addr}");
+        let _ = std::io::stdout().flush();
+    };
+    expertmesh_coordinator::serve(cfg, &a.store, listener, shutdown_on_signals(), ready).await?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! `expertmesh forward`: one MoE layer on inputs from a file, in process, on a local cluster,
+//! or through a running one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::moe::{LocalMoe, MoeInput, MoeOutput};
+use expertmesh_dispatcher::Checkpoint;
+use expertmesh_kernels::cpu::CpuBackend;
+use expertmesh_worker::synth::{write_safetensors, OwnedTensor};
+use tokio_util::sync::CancellationToken;
+
+use crate::env;
+use crate::shared::{cluster_dispatcher, parse_wire, scratch};
+
+#[derive(Debug, Args)]
+pub(crate) struct ForwardArgs {
+    /// Checkpoint directory (not needed with --entry).
+    #[arg(long, env = env::MODEL, required_unless_present = "entry")]
+    pub(crate) model: Option<PathBuf>,
+    /// The model's own layer index.
+    #[arg(long)]
+    pub(crate) layer: usize,
+    /// safetensors with `hidden_states` (f32 [T, hidden]) and, for hash layers, `input_ids` (i64 [T]).
+    #[arg(long)]
+    pub(crate) input: PathBuf,
+    /// safetensors to write: `output`, `topk_indices`, `topk_weights`.
+    #[arg(long)]
+    pub(crate) output: PathBuf,
+    /// Run across N worker processes of a local cluster (default: in this process).
+    #[arg(long, conflicts_with = "entry")]
+    pub(crate) workers: Option<usize>,
+    /// Send the layer to a running cluster through these workers' MoeLayer service
+    /// (HOST:PORT, comma-separated); on UNAVAILABLE or a broken connection the next is tried.
+    #[arg(long, env = env::ENTRY, value_delimiter = ',')]
+    pub(crate) entry: Vec<String>,
+    /// With --entry: deadline of the whole call, retries included (sent as grpc-timeout).
+    #[arg(long, default_value_t = 30_000)]
+    pub(crate) timeout_ms: u64,
+    #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
+    pub(crate) wire: String,
+}
+
+/// Read `hidden_states` and optional `input_ids` from a safetensors file.
+fn read_input(path: &Path, hidden: usize) -> Result<(usize, Vec<f32>, Option<Vec<i64>>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{}: not a safetensors file: {e}", path.display()))?;
+    let hs = st
+        .tensor("hidden_states")
+        .map_err(|_| anyhow!("{}: missing tensor `hidden_states` (f32 [T, {hidden}])", path.display()))?;
+    let shape = hs.shape().to_vec();
+    if shape.len() != 2 {
+        bail!("{}: `hidden_states` has shape {shape:?}; expected [T, {hidden}]", path.display());
+    }
+    let d = DType::from_safetensors(hs.dtype())?;
+    if !d.is_float() || d == DType::F8E4M3 {
+        bail!("{}: `hidden_states` has dtype {}; expected f32 (or bf16/f16)", path.display(), d.name());
+    }
+    let mut x = vec![0f32; shape[0] * shape[1]];
+    expertmesh_core::dtype::decode_f32(d, hs.data(), &mut x)?;
+    let ids = match st.tensor("input_ids") {
+        Ok(t) => {
+            let v: Vec<i64> = match t.dtype() {
+                safetensors::Dtype::I64 => {
+                    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect()
+                }
+                safetensors::Dtype::I32 => {
+                    t.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect()
+                }
+                other => bail!("{}: `input_ids` has dtype {other:?}; expected i64 (or i32)", path.display()),
+            };
+            Some(v)
+        }
+        Err(_) => None,
+    };
+    // The hidden size is checked against the model by the layer itself (clear error there).
+    let tokens = shape[0];
+    if shape[1] != hidden {
+        bail!(
+            "{}: `hidden_states` has shape {shape:?}; the model's hidden size is {hidden}, so expected [{tokens}, {hidden}]",
+            path.display()
+        );
+    }
+    Ok((tokens, x, ids))
+}
+
+fn write_output(path: &Path, hidden: usize, out: &MoeOutput) -> Result<()> {
+    let k = out.routing.top_k;
+    let tokens = out.routing.tokens();
+    let idx: Vec<i64> = out.routing.indices.iter().map(|&v| v as i64).collect();
+    let mut t = BTreeMap::new();
+    t.insert("output".to_string(), OwnedTensor::from_f32(DType::F32, vec![tokens, hidden], &out.output)?);
+    t.insert("topk_indices".to_string(), OwnedTensor::from_i64(vec![tokens, k], &idx));
+    t.insert("topk_weights".to_string(), OwnedTensor::from_f32(DType::F32, vec![tokens, k], &out.routing.weights)?);
+    write_safetensors(path, &t)?;
+    Ok(())
+}
+
+pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
+    let wire = parse_wire(&a.wire)?;
+    if !a.entry.is_empty() {
+        return forward_entry(&a, wire).await;
+    }
+    let model =
+        a.model.clone().ok_or_else(|| anyhow!("give --model DIR (or --entry HOST:PORT for a running cluster)"))?;
+    let ck = Arc::new(Checkpoint::open(&model)?);
+    let spec = ck.spec().clone();
+    spec.check_moe_layer(a.layer)?;
+    let (tokens, x, ids) = read_input(&a.input, spec.hidden)?;
+    let inp = MoeInput { layer: a.layer, tokens, hidden_states: x, input_ids: ids };
+    let out = match a.workers {
+        None => LocalMoe::new(ck, Arc::new(CpuBackend::new())).forward(inp).await?,
+        Some(n) => {
+            if n == 0 {
+                bail!("--workers must be at least 1");
+            }
+            let stop = CancellationToken::new();
+            let logs = scratch("expertmesh-forward-")?;
+            let (cluster, d) = cluster_dispatcher(&model, n, 1, logs.path(), stop.clone()).await?;
+            let r = d.forward(inp, wire).await;
+            stop.cancel();
+            cluster.stop().await;
+            r?
+        }
+    };
+    write_output(&a.output, spec.hidden, &out)?;
+    println!(
+        "layer {}: {} tokens -> {} (output [{}, {}], top-{} indices and weights)",
+        a.layer,
+        tokens,
+        a.output.display(),
+        tokens,
+        spec.hidden,
+        spec.top_k
+    );
+    Ok(())
+}
+
+/// `forward --entry`: the layer through a running cluster's MoeLayer service, with failover
+/// over the entry workers (Forward is idempotent).
+async fn forward_entry(a: &ForwardArgs, wire: DType) -> Result<()> {
+    use expertmesh_dispatcher::wire::{dtype_to_proto, f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
+    use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
+    use expertmesh_proto::v1::{DescribeRequest, ForwardRequest};
+    use expertmesh_worker::client::MoeClient;
+    let timeout = Duration::from_millis(a.timeout_ms.max(1));
+    let client = MoeClient::new(&a.entry, timeout, 256 << 20).map_err(|e| anyhow!("--entry: {e}"))?;
+    // The model's shape, from the first entry that answers.
+    let mut desc = None;
+    for e in &a.entry {
+        let ch =
+            tonic::transport::Endpoint::from_shared(format!("http://{e}"))?.connect_timeout(Duration::from_secs(3));
+        if let Ok(ch) = ch.connect().await {
+            if let Ok(d) = MoeLayerClient::new(ch).describe(DescribeRequest {}).await {
+                desc = Some(d.into_inner());
+                break;
+            }
+        }
+    }
+    let desc = desc.ok_or_else(|| anyhow!("no entry worker of {:?} answered Describe", a.entry))?;
+    let hidden = desc.hidden as usize;
+    let (tokens, x, ids) = read_input(&a.input, hidden)?;
+    let req = ForwardRequest {
+        layer: a.layer as u32,
+        hidden_states: Some(f32_tensor(&[tokens, hidden], &x)),
+        input_ids: ids.as_ref().map(|v| i64_tensor(&[tokens], v)),
+        wire_dtype: dtype_to_proto(wire),
+    };
+    let r = client.forward(req).await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?;
+    let (output, _) = tensor_to_f32(r.output.as_ref().ok_or_else(|| anyhow!("answer without output"))?, "output")?;
+    let (idx, ishape) =
+        tensor_to_i64(r.topk_indices.as_ref().ok_or_else(|| anyhow!("answer without topk_indices"))?, "topk_indices")?;
+    let (weights, _) =
+        tensor_to_f32(r.topk_weights.as_ref().ok_or_else(|| anyhow!("answer without topk_weights"))?, "topk_weights")?;
+    let k = ishape.get(1).copied().unwrap_or(0);
+    let routing =
+        expertmesh_core::gating::Routing { top_k: k, indices: idx.iter().map(|&v| v as u32).collect(), weights };
+    write_output(&a.output, hidden, &MoeOutput { output, routing, epoch: r.epoch })?;
+    println!(
+        "layer {}: {tokens} tokens -> {} through the cluster (placement epoch {}; output [{tokens}, {hidden}], top-{k})",
+        a.layer,
+        a.output.display(),
+        r.epoch
+    );
+    Ok(())
+}

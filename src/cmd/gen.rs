@@ -1,0 +1,113 @@
+//! `expertmesh gen-model` and `gen-input`: synthetic checkpoints and inputs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use expertmesh_core::config::PresetOverrides;
+use expertmesh_core::dtype::DType;
+use expertmesh_dispatcher::Checkpoint;
+use expertmesh_worker::synth::{generate, write_safetensors, GenOptions, OwnedTensor};
+
+use crate::env;
+use crate::shared::random_batch;
+
+#[derive(Debug, Args)]
+pub(crate) struct GenModelArgs {
+    /// tiny (default), tiny-v3, tiny-v4, tiny-mixtral, tiny-qwen2, tiny-qwen3, deepseek-v3,
+    /// deepseek-v4-flash, deepseek-v4-pro, mixtral-8x7b, qwen1.5-moe-a2.7b, qwen2-57b-a14b,
+    /// qwen3-30b-a3b.
+    #[arg(long, default_value = "tiny")]
+    pub(crate) preset: String,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[arg(long)]
+    pub(crate) layers: Option<usize>,
+    #[arg(long)]
+    pub(crate) experts: Option<usize>,
+    #[arg(long)]
+    pub(crate) hidden: Option<usize>,
+    #[arg(long)]
+    pub(crate) ffn: Option<usize>,
+    #[arg(long)]
+    pub(crate) top_k: Option<usize>,
+    #[arg(long)]
+    pub(crate) vocab: Option<usize>,
+    #[arg(long)]
+    pub(crate) n_group: Option<usize>,
+    #[arg(long)]
+    pub(crate) topk_group: Option<usize>,
+    /// Expert weight dtype: bf16, f16, f32, or f8_e4m3 (DeepSeek V3's block-scaled FP8).
+    #[arg(long, default_value = "bf16")]
+    pub(crate) dtype: String,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Refuse to write more than this many GiB.
+    #[arg(long, default_value_t = 16.0)]
+    pub(crate) max_gib: f64,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct GenInputArgs {
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    pub(crate) tokens: usize,
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+}
+
+pub(crate) fn gen_model(a: GenModelArgs) -> Result<()> {
+    let opts = GenOptions {
+        preset: a.preset,
+        overrides: PresetOverrides {
+            layers: a.layers,
+            experts: a.experts,
+            hidden: a.hidden,
+            ffn: a.ffn,
+            top_k: a.top_k,
+            vocab: a.vocab,
+            n_group: a.n_group,
+            topk_group: a.topk_group,
+            fp8: None,
+        },
+        dtype: DType::parse(&a.dtype)?,
+        seed: a.seed,
+        max_bytes: (a.max_gib * (1u64 << 30) as f64) as u64,
+    };
+    let s = generate(&a.out, &opts)?;
+    println!(
+        "wrote {} ({}): {} MoE layers x {} experts, hidden {}, expert FFN {}, top-{}; {} files, {:.1} MiB",
+        a.out.display(),
+        s.spec.model_type,
+        s.spec.moe_layers().len(),
+        s.spec.n_routed,
+        s.spec.hidden,
+        s.spec.moe_ffn,
+        s.spec.top_k,
+        s.files,
+        s.bytes as f64 / (1 << 20) as f64
+    );
+    Ok(())
+}
+
+pub(crate) fn gen_input(a: GenInputArgs) -> Result<()> {
+    let ck = Checkpoint::open(&a.model)?;
+    let spec = ck.spec();
+    let (x, ids) = random_batch(spec, a.tokens, a.seed);
+    let mut t = BTreeMap::new();
+    t.insert("hidden_states".to_string(), OwnedTensor::from_f32(DType::F32, vec![a.tokens, spec.hidden], &x)?);
+    t.insert("input_ids".to_string(), OwnedTensor::from_i64(vec![a.tokens], &ids));
+    write_safetensors(&a.out, &t)?;
+    println!(
+        "wrote {}: hidden_states f32 [{}, {}], input_ids i64 [{}]",
+        a.out.display(),
+        a.tokens,
+        spec.hidden,
+        a.tokens
+    );
+    Ok(())
+}

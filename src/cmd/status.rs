@@ -1,0 +1,95 @@
+//! `expertmesh status`: a cluster's members, placement, leader and load.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use expertmesh_cluster::control::connect_coordinator;
+use expertmesh_proto::v1::ClusterStatusRequest;
+
+use crate::env;
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Coordinator address; several, comma-separated: the first that answers.
+    #[arg(long, env = env::COORDINATOR)]
+    pub(crate) coordinator: String,
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// "812.0 KiB", "1.50 GiB".
+fn fmt_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+pub(crate) async fn run(a: StatusArgs) -> Result<()> {
+    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5)).await?;
+    let s = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+    if a.json {
+        let workers: Vec<_> = s
+            .workers
+            .iter()
+            .map(|w| {
+                let i = w.info.clone().unwrap_or_default();
+                serde_json::json!({"worker_id": i.worker_id, "address": i.address, "node": i.node,
+                    "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
+                    "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining,
+                    "verified": w.verified, "left_out": w.left_out, "resident_bytes": w.resident_bytes,
+                    "rss_bytes": w.rss_bytes})
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"current_epoch": s.current_epoch, "pending_epoch": s.pending_epoch,
+                "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
+                "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator, "workers": workers})
+        );
+        return Ok(());
+    }
+    println!(
+        "model {} ({} MoE layers x {} experts); placement epoch {} (pending {})",
+        s.model_type, s.moe_layers, s.routed_experts, s.current_epoch, s.pending_epoch
+    );
+    println!(
+        "coordinator {} ({}); leader {}",
+        s.coordinator,
+        if s.is_leader { "leading" } else { "standby" },
+        if s.leader.is_empty() { "(none)" } else { &s.leader }
+    );
+    for w in s.workers {
+        let i = w.info.unwrap_or_default();
+        println!(
+            "  {:<14} {:<22} node {:<12} experts {:>5} ({:>9} resident, process {:>9})  tokens {:>10}  heartbeat {:.1}s ago",
+            i.worker_id,
+            i.address,
+            i.node,
+            w.experts_held,
+            fmt_bytes(w.resident_bytes),
+            fmt_bytes(w.rss_bytes),
+            w.tokens_total,
+            w.heartbeat_age_s
+        );
+        if w.draining {
+            println!("      draining: its experts are moving to the other workers");
+        }
+        if !w.left_out.is_empty() {
+            println!("      not placed: {}", w.left_out);
+        }
+        if !w.error.is_empty() {
+            println!("      error: {}", w.error);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `expertmesh worker`: a process that holds and computes experts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+use expertmesh_cluster::control::ControlTarget;
+use expertmesh_dispatcher::dispatcher::DispatcherConfig;
+use expertmesh_worker::limits::Limits;
+use expertmesh_worker::node::{run_worker, StopSignals, WorkerConfig};
+use expertmesh_worker::service::AdmissionConfig;
+
+use crate::env;
+
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// Coordinator address (host:port). Not needed with `--store etcd://...`.
+    #[arg(long, env = env::COORDINATOR, required_unless_present = "store")]
+    pub(crate) coordinator: Option<String>,
+    /// Register in etcd directly (`etcd://HOST:PORT[,HOST:PORT...]`) instead of through a
+    /// coordinator: the worker keeps serving and following placement while coordinators are down.
+    #[arg(long, env = env::STORE)]
+    pub(crate) store: Option<String>,
+    #[arg(long, default_value = "default", env = env::CLUSTER)]
+    pub(crate) cluster: String,
+    /// TTL of the worker's lease in the store (with `--store`; through a coordinator, the
+    /// coordinator's TTL applies).
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    pub(crate) lease_ttl_ms: u64,
+    /// On SIGTERM, how long to wait for the experts to move away before leaving anyway.
+    #[arg(long, default_value_t = 25_000, env = env::DRAIN_TIMEOUT_MS)]
+    pub(crate) drain_timeout_ms: u64,
+    #[arg(long, default_value = "127.0.0.1:0", env = env::LISTEN)]
+    pub(crate) listen: SocketAddr,
+    /// Address other processes reach this worker at (default: the bound address).
+    #[arg(long, env = env::ADVERTISE)]
+    pub(crate) advertise: Option<String>,
+    /// Worker id (default: worker-<pid>).
+    #[arg(long, env = env::WORKER_ID)]
+    pub(crate) id: Option<String>,
+    /// Machine name, for spreading replicas (default: the hostname).
+    #[arg(long, env = env::NODE)]
+    pub(crate) node: Option<String>,
+    /// cpu (cuda:N and npu:N are not in this build yet).
+    #[arg(long, default_value = "cpu", env = env::DEVICE)]
+    pub(crate) device: String,
+    /// Checkpoint directory (default: the path the coordinator serves).
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: Option<PathBuf>,
+    /// Memory offered for expert weights, GiB (default: the machine's available memory).
+    #[arg(long, env = env::MEMORY_GIB)]
+    pub(crate) memory_gib: Option<f64>,
+    #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
+    pub(crate) max_message_mib: usize,
+    /// How long rows with no live owner wait for a (newer) committed placement before the
+    /// request fails UNAVAILABLE.
+    #[arg(long, default_value_t = 20_000, env = env::PLACEMENT_WAIT_MS)]
+    pub(crate) placement_wait_ms: u64,
+    /// The longest a destination may stay silent before its stream is given up and it is
+    /// reported (rows with a live replica are hedged much sooner, after a budget learned from
+    /// the destination's own answers).
+    #[arg(long, default_value_t = 5_000, env = env::RPC_TIMEOUT_MS)]
+    pub(crate) rpc_timeout_ms: u64,
+    /// Deadline of a MoeLayer.Forward whose caller sent no `grpc-timeout`.
+    #[arg(long, default_value_t = 30_000, env = env::REQUEST_TIMEOUT_MS)]
+    pub(crate) request_timeout_ms: u64,
+    /// Never hedge a silent destination's rows sooner than this after its last answer.
+    #[arg(long, default_value_t = 20, env = env::HEDGE_MIN_MS)]
+    pub(crate) hedge_min_ms: u64,
+    /// Most tokens in one MoeLayer.Forward; a Compute stream carries at most this x top-k rows.
+    #[arg(long, default_value_t = 65_536, env = env::MAX_BATCH_TOKENS)]
+    pub(crate) max_batch_tokens: usize,
+    /// Most chunks in one ExpertService.Compute stream.
+    #[arg(long, default_value_t = 65_536, env = env::MAX_STREAM_CHUNKS)]
+    pub(crate) max_stream_chunks: usize,
+    /// Budget of ExpertService activation bytes in flight (decoded, computed, encoded).
+    #[arg(long, default_value_t = 1024, env = env::MAX_INFLIGHT_MIB)]
+    pub(crate) max_inflight_mib: u64,
+    /// Budget of MoeLayer.Forward bytes in flight on this entry worker.
+    #[arg(long, default_value_t = 2048, env = env::MAX_FORWARD_INFLIGHT_MIB)]
+    pub(crate) max_forward_inflight_mib: u64,
+    /// Concurrent streams and calls per peer connection.
+    #[arg(long, default_value_t = 64, env = env::MAX_STREAMS_PER_PEER)]
+    pub(crate) max_streams_per_peer: usize,
+    /// Open connections; more are closed at once.
+    #[arg(long, default_value_t = 1024, env = env::MAX_CONNECTIONS)]
+    pub(crate) max_connections: usize,
+    /// How long a request waits for room under a budget before RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1_000, env = env::ADMISSION_WAIT_MS)]
+    pub(crate) admission_wait_ms: u64,
+    /// A peer that does not read its answers for this long loses its connection.
+    #[arg(long, default_value_t = 10_000, env = env::STALL_TIMEOUT_MS)]
+    pub(crate) stall_timeout_ms: u64,
+}
+
+/// SIGTERM drains the worker; SIGINT (Ctrl-C) stops it at once.
+fn worker_signals() -> StopSignals {
+    let signals = StopSignals::default();
+    let s = signals.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => s.drain.cancel(),
+            _ = tokio::signal::ctrl_c() => s.quit.cancel(),
+        }
+        // A second signal of either kind: stop now.
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        s.quit.cancel();
+    });
+    signals
+}
+
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(8 << 30)
+}
+
+pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
+    let id = a.id.unwrap_or_else(|| format!("worker-{}", std::process::id()));
+    let node = a.node.unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    });
+    let memory_bytes = a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64).unwrap_or_else(available_memory);
+    let control = match (a.store, a.coordinator) {
+        (Some(url), _) if url != "embedded" => {
+            ControlTarget::Store { url, cluster: a.cluster, lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)) }
+        }
+        (_, Some(c)) => ControlTarget::Coordinator(c),
+        (Some(_), None) => {
+            bail!("--store embedded lives inside the coordinator's process: give the worker --coordinator HOST:PORT")
+        }
+        (None, None) => bail!("give --coordinator HOST:PORT or --store etcd://HOST:PORT"),
+    };
+    let cfg = WorkerConfig {
+        control,
+        listen: a.listen,
+        advertise: a.advertise,
+        worker_id: id,
+        node,
+        device: a.device,
+        model: a.model,
+        memory_bytes,
+        tflops: 1.0,
+        admission: AdmissionConfig {
+            limits: Limits {
+                max_message_bytes: a.max_message_mib << 20,
+                max_batch_tokens: a.max_batch_tokens.max(1),
+                max_stream_chunks: a.max_stream_chunks.max(1),
+            },
+            compute_budget_bytes: a.max_inflight_mib.max(1) << 20,
+            forward_budget_bytes: a.max_forward_inflight_mib.max(1) << 20,
+            max_streams_per_peer: a.max_streams_per_peer.max(1),
+            max_connections: a.max_connections.max(1),
+            admission_wait: Duration::from_millis(a.admission_wait_ms),
+            stall_timeout: Duration::from_millis(a.stall_timeout_ms.max(100)),
+        },
+        dispatcher: DispatcherConfig {
+            max_message_bytes: a.max_message_mib << 20,
+            placement_wait: Duration::from_millis(a.placement_wait_ms),
+            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms.max(10)),
+            request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
+            hedge_min: Duration::from_millis(a.hedge_min_ms),
+            ..Default::default()
+        },
+        drain_timeout: Duration::from_millis(a.drain_timeout_ms),
+    };
+    run_worker(cfg, worker_signals()).await?;
+    Ok(())
+}

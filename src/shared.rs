@@ -1,0 +1,153 @@
+//! Helpers the commands share: signals, wire dtype, random inputs, percentiles, scratch
+//! directories, the synthetic-or-given model, and a local cluster with a dispatcher routing by
+//! its first placement.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use expertmesh_cluster::control::{connect_coordinator, ControlTarget};
+use expertmesh_core::config::PresetOverrides;
+use expertmesh_core::dtype::DType;
+use expertmesh_core::rng::SplitMix64;
+use expertmesh_dispatcher::dispatcher::{Dispatcher, DispatcherConfig};
+use expertmesh_dispatcher::Checkpoint;
+use expertmesh_proto::v1::ClusterStatusRequest;
+use expertmesh_worker::node::connect_dispatcher;
+use expertmesh_worker::synth::{generate, GenOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::env;
+use crate::local::{LocalCluster, LocalOptions};
+
+#[derive(Debug, Args)]
+pub(crate) struct ModelSource {
+    /// Checkpoint directory (config.json + safetensors). Default: a synthetic model.
+    #[arg(long, env = env::MODEL)]
+    pub(crate) model: Option<PathBuf>,
+    /// Preset for the synthetic model when --model is not given.
+    #[arg(long, default_value = "deepseek-v3")]
+    pub(crate) preset: String,
+    /// Layers of the synthetic model (DeepSeek V3 keeps its first 3 dense: 6 gives 3 MoE layers).
+    #[arg(long, default_value_t = 6)]
+    pub(crate) layers: usize,
+    #[arg(long, default_value_t = 32)]
+    pub(crate) experts: usize,
+    #[arg(long, default_value_t = 512)]
+    pub(crate) hidden: usize,
+    #[arg(long, default_value_t = 256)]
+    pub(crate) ffn: usize,
+    #[arg(long, default_value_t = 6)]
+    pub(crate) top_k: usize,
+}
+
+/// A token cancelled on SIGTERM or Ctrl-C.
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = tokio::signal::ctrl_c() => {},
+        }
+        t.cancel();
+    });
+    token
+}
+
+pub(crate) fn parse_wire(s: &str) -> Result<DType> {
+    match DType::parse(s)? {
+        d @ (DType::BF16 | DType::F32) => Ok(d),
+        d => bail!("--wire {}: expected bf16 or f32", d.name()),
+    }
+}
+
+pub(crate) fn random_batch(spec: &expertmesh_core::ModelSpec, tokens: usize, seed: u64) -> (Vec<f32>, Vec<i64>) {
+    let mut r = SplitMix64::new(seed);
+    let x = (0..tokens * spec.hidden).map(|_| r.normal() as f32).collect();
+    let ids = (0..tokens).map(|_| r.below(spec.vocab_size as u64) as i64).collect();
+    (x, ids)
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// `name` on PATH, if there.
+pub(crate) fn which(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH").ok()?.split(':').map(|d| Path::new(d).join(name)).find(|p| p.is_file())
+}
+
+/// A scratch directory removed when dropped.
+pub(crate) fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir()?)
+}
+
+/// A local cluster plus a dispatcher in this process that routes by its placement.
+pub(crate) async fn cluster_dispatcher(
+    model: &Path,
+    workers: usize,
+    replicas: usize,
+    log_dir: &Path,
+    stop: CancellationToken,
+) -> Result<(LocalCluster, Arc<Dispatcher>)> {
+    let cluster = LocalCluster::start(model, &LocalOptions::simple(workers, replicas), log_dir).await?;
+    let ck = Arc::new(Checkpoint::open(model)?);
+    let target = ControlTarget::Coordinator(cluster.coordinator.clone());
+    let d = connect_dispatcher(&target, ck, "cpu", DispatcherConfig::default(), stop).await?;
+    first_placement(&cluster, &d).await?;
+    Ok((cluster, d))
+}
+
+/// Wait for the local cluster's first committed placement; a worker that cannot load its experts
+/// fails the wait at once with its own error (the coordinator keeps it with the worker's status).
+pub(crate) async fn first_placement(cluster: &LocalCluster, d: &Dispatcher) -> Result<()> {
+    let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5)).await?;
+    let load_error = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Ok(s) = coord.cluster_status(ClusterStatusRequest {}).await else { continue };
+            if let Some(w) = s.into_inner().workers.into_iter().find(|w| !w.error.is_empty()) {
+                let id = w.info.map(|i| i.worker_id).unwrap_or_default();
+                return anyhow!("worker {id} cannot load its experts: {}", w.error);
+            }
+        }
+    };
+    tokio::select! {
+        r = d.route_table(None) => r.map(|_| ()).context("waiting for the first placement"),
+        e = load_error => Err(e),
+    }
+}
+
+pub(crate) fn resolve_model(src: &ModelSource, scratch: &Path) -> Result<PathBuf> {
+    if let Some(m) = &src.model {
+        return Ok(m.clone());
+    }
+    let dir = scratch.join("model");
+    let opts = GenOptions {
+        preset: src.preset.clone(),
+        overrides: PresetOverrides {
+            layers: Some(src.layers),
+            experts: Some(src.experts),
+            hidden: Some(src.hidden),
+            ffn: Some(src.ffn),
+            top_k: Some(src.top_k),
+            ..Default::default()
+        },
+        dtype: DType::BF16,
+        seed: 1,
+        max_bytes: 8 << 30,
+    };
+    generate(&dir, &opts)?;
+    Ok(dir)
+}
