@@ -30,22 +30,20 @@ pub(crate) struct LocalOptions {
     /// `embedded`, or `etcd://...`: then workers register in etcd directly.
     pub(crate) store: String,
     pub(crate) lease_ttl_ms: u64,
+    /// Compute threads of each worker (`--compute-threads`); None: one per core.
+    pub(crate) worker_threads: Option<usize>,
 }
 
 impl LocalOptions {
-    pub(crate) fn simple(workers: usize, replicas: usize) -> Self {
-        Self { workers, replicas, coordinators: 1, store: "embedded".into(), lease_ttl_ms: 10_000 }
+    pub(crate) fn simple(workers: usize, replicas: usize, worker_threads: Option<usize>) -> Self {
+        Self { workers, replicas, coordinators: 1, store: "embedded".into(), lease_ttl_ms: 10_000, worker_threads }
     }
 }
 
-async fn spawn_ready(args: &[String], log: &Path, marker: &str, threads: Option<usize>) -> Result<(Child, String)> {
+async fn spawn_ready(args: &[String], log: &Path, marker: &str) -> Result<(Child, String)> {
     let exe = std::env::current_exe().context("locating the expertmesh binary")?;
     let log_file = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-    let mut cmd = Command::new(exe);
-    if let Some(n) = threads {
-        cmd.env("RAYON_NUM_THREADS", n.to_string());
-    }
-    let mut child = cmd
+    let mut child = Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -114,20 +112,12 @@ impl LocalCluster {
                 ],
                 &log_dir.join(if i == 0 { "coordinator.log".to_string() } else { format!("coordinator-{i}.log") }),
                 "EXPERTMESH_COORDINATOR_READY",
-                None,
             )
             .await?;
             children.push(Some(c));
             coordinators.push(addr);
         }
         let mut addrs = Vec::new();
-        // Workers sharing one machine split its cores (unless RAYON_NUM_THREADS says otherwise):
-        // more compute threads than cores only adds context switches.
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let threads = match std::env::var_os("RAYON_NUM_THREADS") {
-            Some(_) => None,
-            None => Some((cores / opts.workers.max(1)).max(1)),
-        };
         let starts = (0..opts.workers).map(|i| {
             let mut args: Vec<String> = vec![
                 "worker".into(),
@@ -138,6 +128,9 @@ impl LocalCluster {
                 "--device".into(),
                 "cpu".into(),
             ];
+            if let Some(n) = opts.worker_threads {
+                args.extend(["--compute-threads".into(), n.to_string()]);
+            }
             if in_store {
                 args.extend(["--store".into(), opts.store.clone()]);
                 args.extend(["--lease-ttl-ms".into(), opts.lease_ttl_ms.to_string()]);
@@ -145,9 +138,10 @@ impl LocalCluster {
                 args.extend(["--coordinator".into(), coordinators[0].clone()]);
             }
             let log = log_dir.join(format!("worker-{i}.log"));
-            async move { spawn_ready(&args, &log, "EXPERTMESH_WORKER_READY", threads).await }
+            async move { spawn_ready(&args, &log, "EXPERTMESH_WORKER_READY").await }
         });
-        for r in futures_join(starts).await {
+        // Workers start concurrently: each loads its model header and binds on its own.
+        for r in futures::future::join_all(starts).await {
             let (c, a) = r?;
             children.push(Some(c));
             addrs.push(a);
@@ -266,13 +260,4 @@ impl LocalEtcd {
         self.kill().await;
         self.spawn().await
     }
-}
-
-async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut out = Vec::new();
-    let handles: Vec<_> = fs.collect();
-    for f in handles {
-        out.push(f.await);
-    }
-    out
 }

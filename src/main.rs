@@ -17,6 +17,10 @@ struct Cli {
     /// Log format: `text` or `json`.
     #[arg(long, global = true, default_value = "text", env = env::LOG_FORMAT)]
     log_format: String,
+    /// Threads of this process's compute pool (expert FFNs, gating, combine; default: one per
+    /// core). Processes sharing a machine may split its cores.
+    #[arg(long, global = true, env = env::COMPUTE_THREADS)]
+    compute_threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -77,6 +81,7 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::Worker(_));
     init_tracing(&cli, if server { "info" } else { "warn" });
+    expertmesh_dispatcher::compute::init_pool(cli.compute_threads)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.cmd {

@@ -96,12 +96,11 @@ pub(crate) fn scratch(prefix: &str) -> Result<tempfile::TempDir> {
 /// A local cluster plus a dispatcher in this process that routes by its placement.
 pub(crate) async fn cluster_dispatcher(
     model: &Path,
-    workers: usize,
-    replicas: usize,
+    opts: &LocalOptions,
     log_dir: &Path,
     stop: CancellationToken,
 ) -> Result<(LocalCluster, Arc<Dispatcher>)> {
-    let cluster = LocalCluster::start(model, &LocalOptions::simple(workers, replicas), log_dir).await?;
+    let cluster = LocalCluster::start(model, opts, log_dir).await?;
     let ck = Arc::new(Checkpoint::open(model)?);
     let target = ControlTarget::Coordinator(cluster.coordinator.clone());
     let d = connect_dispatcher(&target, ck, "cpu", DispatcherConfig::default(), stop).await?;

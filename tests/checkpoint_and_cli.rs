@@ -362,3 +362,33 @@ async fn worker_rss_after_loading_is_close_to_the_checkpoint_bytes() {
         assert!(ratio <= 1.15, "{}: worker RSS {rss} is {ratio:.3}x its experts' {resident} bytes", dtype.name());
     }
 }
+
+/// Names of the threads of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/task");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|s| s.trim().to_string())
+        .collect()
+}
+
+/// `--compute-threads` sizes a process's compute pool (named threads, so an operator sees them in
+/// `top -H`); 0 is refused with a message that names the flag.
+#[test]
+fn compute_threads_size_the_pool_and_zero_is_refused() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 13);
+    let mut c = common::cluster::Cluster::coordinator_only(dir.path(), 1, &[]);
+    c.add_worker("w0", &["--compute-threads", "3"]);
+    let names = thread_names(c.workers[0].child.id());
+    let mut pool: Vec<&String> = names.iter().filter(|n| n.starts_with("em-compute")).collect();
+    pool.sort();
+    assert_eq!(pool, ["em-compute-0", "em-compute-1", "em-compute-2"], "threads: {names:?}");
+    let o = Command::new(BIN)
+        .args(["--compute-threads", "0", "worker", "--coordinator", &c.coordinator.addr, "--id", "w1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("at least 1 thread (--compute-threads)"), "{err}");
+}

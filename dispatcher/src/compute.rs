@@ -7,6 +7,22 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use crate::error::{Error, Result};
 
+/// Size and name the process's compute pool (rayon's global pool, threads `em-compute-{i}`:
+/// Linux keeps 15 bytes of a thread's name). `None`: one thread per core. Call once, before any
+/// compute; returns the pool's size.
+pub fn init_pool(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if n == 0 {
+        return Err(Error::InvalidInput("the compute pool needs at least 1 thread (--compute-threads)".into()));
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|i| format!("em-compute-{i}"))
+        .build_global()
+        .map_err(|e| Error::Internal(format!("cannot start the compute pool of {n} threads: {e}")))?;
+    Ok(n)
+}
+
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())

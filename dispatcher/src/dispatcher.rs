@@ -305,6 +305,7 @@ impl Dispatcher {
         if deadline <= arrived {
             return Err(late("before it arrived"));
         }
+        let (inp_layer, tokens) = (inp.layer, inp.tokens);
         let inp = Arc::new(inp);
         let front = tokio::time::timeout_at(deadline.into(), router.layer(inp.layer))
             .await
@@ -312,6 +313,7 @@ impl Dispatcher {
         let routing = tokio::time::timeout_at(deadline.into(), router.gate(&front, &inp))
             .await
             .map_err(|_| late("while gating"))??;
+        let gated = arrived.elapsed();
         // The shared expert runs on the compute pool while the routed rows are on the wire.
         let shared = tokio::spawn(shared_expert(router.backend().clone(), front.clone(), inp.clone(), wire));
         let (y, epoch) = match self.dispatch(inp, &routing.indices, wire, arrived, deadline).await {
@@ -321,8 +323,19 @@ impl Dispatcher {
                 return Err(e);
             }
         };
+        let routed = arrived.elapsed();
         let shared = shared.await.map_err(|e| Error::Internal(format!("shared expert task: {e}")))??;
+        let with_shared = arrived.elapsed();
         let (output, routing) = combine_off_runtime(self.spec.hidden, routing, y, shared).await?;
+        debug!(
+            layer = inp_layer,
+            tokens,
+            gate_us = gated.as_micros() as u64,
+            routed_us = routed.as_micros() as u64,
+            shared_wait_us = (with_shared - routed).as_micros() as u64,
+            total_us = arrived.elapsed().as_micros() as u64,
+            "forward done"
+        );
         Ok(MoeOutput { output, routing, epoch })
     }
 

@@ -1,8 +1,8 @@
 //! `expertmesh bench`: the distributed layer against the same layer in one process (JSON);
 //! `--fault` runs the fault benchmark (`fault.rs`).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,6 +18,7 @@ use expertmesh_kernels::ExpertBackend;
 use expertmesh_worker::synth::{generate, GenOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::local::LocalOptions;
 use crate::shared::{cluster_dispatcher, parse_wire, percentile, random_batch, scratch, which};
 
 mod fault;
@@ -30,6 +31,9 @@ pub(crate) struct BenchArgs {
     pub(crate) model: Option<PathBuf>,
     #[arg(long, default_value_t = 4)]
     pub(crate) workers: usize,
+    /// Compute threads of each worker (default: one per core; the workers share the cores).
+    #[arg(long)]
+    pub(crate) worker_threads: Option<usize>,
     /// Tokens per batch, comma-separated: decode sizes (1 to 64) and prefill sizes.
     #[arg(long, default_value = "1,8,64,256,1024,4096", value_delimiter = ',')]
     pub(crate) batches: Vec<usize>,
@@ -77,32 +81,63 @@ fn target(tokens: usize, ratio: f64, p50_overhead_ms: f64) -> serde_json::Value 
     }
 }
 
+#[derive(Default)]
 struct Timing {
-    tokens_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+    lat: Vec<f64>,
+    total_s: f64,
 }
 
-async fn time_batches<F, Fut>(iters: usize, tokens: usize, mut f: F) -> Result<Timing>
-where
-    F: FnMut(u64) -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
-{
-    f(999).await?; // warm-up
-    let mut lat = Vec::new();
-    let t0 = Instant::now();
-    for i in 0..iters.max(1) {
-        let t = Instant::now();
-        f(i as u64).await?;
-        lat.push(t.elapsed().as_secs_f64());
+impl Timing {
+    fn record(&mut self, s: f64) {
+        self.lat.push(s);
+        self.total_s += s;
     }
-    let total = t0.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    Ok(Timing {
-        tokens_per_s: (tokens * lat.len()) as f64 / total,
-        p50_ms: percentile(&lat, 0.5) * 1e3,
-        p99_ms: percentile(&lat, 0.99) * 1e3,
-    })
+
+    fn summary(&mut self, tokens: usize) -> serde_json::Value {
+        self.lat.sort_by(f64::total_cmp);
+        serde_json::json!({
+            "tokens_per_s": self.tokens_per_s(tokens),
+            "p50_ms": self.p50_ms(),
+            "p99_ms": percentile(&self.lat, 0.99) * 1e3,
+        })
+    }
+
+    fn tokens_per_s(&self, tokens: usize) -> f64 {
+        (tokens * self.lat.len()) as f64 / self.total_s.max(1e-12)
+    }
+
+    /// Needs `lat` sorted ([`Timing::summary`] sorts it).
+    fn p50_ms(&self) -> f64 {
+        percentile(&self.lat, 0.5) * 1e3
+    }
+}
+
+/// Time `a` and `b` on the same inputs, alternating (a, b, b, a, a, b, ...) so that whatever
+/// else the machine does weighs on both alike: one warm-up call each, then `iters` timed calls
+/// each.
+async fn time_pair<FA, FB, FutA, FutB>(iters: usize, mut a: FA, mut b: FB) -> Result<(Timing, Timing)>
+where
+    FA: FnMut(u64) -> FutA,
+    FB: FnMut(u64) -> FutB,
+    FutA: std::future::Future<Output = Result<()>>,
+    FutB: std::future::Future<Output = Result<()>>,
+{
+    a(999).await?;
+    b(999).await?;
+    let (mut ta, mut tb) = (Timing::default(), Timing::default());
+    for i in 0..iters.max(1) {
+        for first_a in [i % 2 == 0, i % 2 == 1] {
+            let t = Instant::now();
+            if first_a {
+                a(i as u64).await?;
+                ta.record(t.elapsed().as_secs_f64());
+            } else {
+                b(i as u64).await?;
+                tb.record(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    Ok((ta, tb))
 }
 
 pub(crate) async fn run(a: BenchArgs) -> Result<()> {
@@ -155,58 +190,53 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let weights = ck.layer_weights(layer, &[0])?.experts[0].w1.dtype;
     let ffn = ffn_rate(&*backend, spec.hidden, spec.moe_ffn, 4, rows, weights, wire, 1.0)?;
 
-    eprintln!("in-process baseline");
     let local = LocalMoe::new(ck.clone(), backend.clone()).with_activations(wire)?;
     local.preload(layer).await?;
-    let mut inproc = BTreeMap::new();
-    for &b in &a.batches {
-        let s = spec.clone();
-        let t = time_batches(iters_for(a.iters, b), b, |i| {
-            let (x, ids) = random_batch(&s, b, 7 + i);
-            let local = &local;
-            async move {
-                local.forward(MoeInput { layer, tokens: b, hidden_states: x, input_ids: Some(ids) }).await?;
-                Ok(())
-            }
-        })
-        .await?;
-        inproc.insert(b, t);
-    }
-    drop(local);
-
     eprintln!("distributed: {} workers on loopback", a.workers);
     let stop = CancellationToken::new();
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
-    let (cluster, d) = cluster_dispatcher(&model, a.workers, 1, &log_dir, stop.clone()).await?;
+    let opts = LocalOptions::simple(a.workers, 1, a.worker_threads);
+    let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
+    eprintln!("timing the in-process and the distributed layer, alternating");
     let mut results = Vec::new();
     for &b in &a.batches {
-        let s = spec.clone();
-        let before = (
-            d.stats().bytes_sent.load(std::sync::atomic::Ordering::Relaxed),
-            d.stats().bytes_received.load(std::sync::atomic::Ordering::Relaxed),
-        );
-        let dd = d.clone();
-        let t = time_batches(iters_for(a.iters, b), b, |i| {
-            let (x, ids) = random_batch(&s, b, 7 + i);
-            let d = dd.clone();
-            async move {
-                d.forward(MoeInput { layer, tokens: b, hidden_states: x, input_ids: Some(ids) }, wire).await?;
-                Ok(())
-            }
-        })
+        let before = (d.stats().bytes_sent.load(Ordering::Relaxed), d.stats().bytes_received.load(Ordering::Relaxed));
+        let iters = iters_for(a.iters, b);
+        let input = |i: u64| {
+            let (x, ids) = random_batch(&spec, b, 7 + i);
+            MoeInput { layer, tokens: b, hidden_states: x, input_ids: Some(ids) }
+        };
+        let (mut ip, mut t) = time_pair(
+            iters,
+            |i| {
+                let (local, inp) = (&local, input(i));
+                async move {
+                    local.forward(inp).await?;
+                    Ok(())
+                }
+            },
+            |i| {
+                let (d, inp) = (d.clone(), input(i));
+                async move {
+                    d.forward(inp, wire).await?;
+                    Ok(())
+                }
+            },
+        )
         .await?;
-        let sent = d.stats().bytes_sent.load(std::sync::atomic::Ordering::Relaxed) - before.0;
-        let recv = d.stats().bytes_received.load(std::sync::atomic::Ordering::Relaxed) - before.1;
-        let calls = (iters_for(a.iters, b) + 1) as u64;
+        let sent = d.stats().bytes_sent.load(Ordering::Relaxed) - before.0;
+        let recv = d.stats().bytes_received.load(Ordering::Relaxed) - before.1;
+        let calls = (iters + 1) as u64;
         let min = (b * spec.top_k * spec.hidden * wire.size() * 2) as f64;
         let wire_per_batch = (sent + recv) as f64 / calls as f64;
-        let ip = &inproc[&b];
-        let (ratio, overhead) = (t.tokens_per_s / ip.tokens_per_s, t.p50_ms - ip.p50_ms);
+        let (ip_json, t_json) = (ip.summary(b), t.summary(b));
+        let ratio = t.tokens_per_s(b) / ip.tokens_per_s(b);
+        let overhead = t.p50_ms() - ip.p50_ms();
         results.push(serde_json::json!({
             "tokens_per_batch": b,
-            "distributed": {"tokens_per_s": t.tokens_per_s, "p50_ms": t.p50_ms, "p99_ms": t.p99_ms},
-            "in_process": {"tokens_per_s": ip.tokens_per_s, "p50_ms": ip.p50_ms, "p99_ms": ip.p99_ms},
-            "iters": iters_for(a.iters, b),
+            "distributed": t_json,
+            "in_process": ip_json,
+            "iters": iters,
             "throughput_ratio": ratio,
             "p50_overhead_ms": overhead,
             "target": target(b, ratio, overhead),
@@ -215,15 +245,18 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
             "wire_ratio": wire_per_batch / min,
         }));
     }
+    drop(local);
     stop.cancel();
     cluster.stop().await;
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let out = serde_json::json!({
         "benchmark": "moe_layer",
         "model": {"model_type": spec.model_type, "hidden": spec.hidden, "experts": spec.n_routed, "top_k": spec.top_k, "expert_ffn": spec.moe_ffn, "layer": layer},
         "workers": a.workers,
+        "worker_compute_threads": a.worker_threads.unwrap_or(cpus),
         "wire_dtype": wire.name(),
         "iters": a.iters,
-        "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)},
+        "machine": {"cpus": cpus},
         "gemm_f32_peak_gflops": peak,
         "backend": backend.name(),
         "expert_ffn": {"rows": rows, "weights": ffn.weights, "activations": ffn.activations, "gflops": ffn.gflops, "fraction_of_f32_gemm_peak": ffn.gflops / peak},

@@ -13,6 +13,7 @@ use expertmesh_dispatcher::moe::MoeInput;
 use expertmesh_proto::v1::ClusterStatusRequest;
 
 use crate::env;
+use crate::local::LocalOptions;
 use crate::shared::{
     cluster_dispatcher, parse_wire, percentile, random_batch, resolve_model, scratch, shutdown_on_signals, ModelSource,
 };
@@ -37,6 +38,9 @@ pub(crate) struct UpArgs {
     pub(crate) wire: String,
     #[arg(long, default_value_t = 1)]
     pub(crate) replicas: usize,
+    /// Compute threads of each worker (default: one per core; the workers share the cores).
+    #[arg(long)]
+    pub(crate) worker_threads: Option<usize>,
     /// Where process logs go (default: a temporary directory).
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
@@ -53,7 +57,8 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("expertmesh-up-logs-{}", std::process::id())));
     let stop = shutdown_on_signals();
     eprintln!("starting coordinator and {} workers (logs in {})", a.workers, log_dir.display());
-    let (cluster, d) = cluster_dispatcher(&model, a.workers, a.replicas, &log_dir, stop.clone()).await?;
+    let opts = LocalOptions::simple(a.workers, a.replicas, a.worker_threads);
+    let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let spec = d.spec().clone();
     let layers = spec.moe_layers();
     eprintln!(

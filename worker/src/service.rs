@@ -168,13 +168,24 @@ impl ExpertStore {
         let groups = Groups::from_counts(b.experts.iter().zip(&b.rows).map(|(&e, &r)| (e, r as usize)));
         let backend = self.backend.clone();
         let data = b.data.clone();
-        let out = on_pool(move || -> Result<Bytes> {
+        let queued = Instant::now();
+        let (out, started, computed) = on_pool(move || -> Result<(Bytes, Instant, Duration)> {
+            let started = Instant::now();
             let x = backend.upload(HostRows::new(dtype, rows, h, data)?)?;
             let mut y = backend.alloc(dtype, rows, h)?;
             layer.forward(&*x, &groups, &mut *y)?;
-            Ok(backend.download(y)?.data)
+            Ok((backend.download(y)?.data, started, started.elapsed()))
         })
         .await??;
+        debug!(
+            layer = b.layer,
+            rows,
+            experts = b.experts.len(),
+            queue_us = (started - queued).as_micros() as u64,
+            compute_us = computed.as_micros() as u64,
+            back_us = (started.elapsed() - computed).as_micros() as u64,
+            "chunk computed"
+        );
         for (&e, &r) in b.experts.iter().zip(&b.rows) {
             let c = &self.counters[b.layer as usize * s.n_routed + e as usize];
             let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(r as u64)));

@@ -93,6 +93,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         coordinators: 2,
         store: etcd.url(),
         lease_ttl_ms: a.lease_ttl_ms,
+        worker_threads: a.worker_threads,
     };
     let mut cluster = LocalCluster::start(model, &opts, &log_dir).await?;
     let stop = CancellationToken::new();
