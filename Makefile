@@ -3,7 +3,9 @@ SHELL := /bin/bash
 CARGO ?= cargo
 UP_ARGS ?= --workers 4 --duration 20
 
-.PHONY: deps build up test lint fmt bench
+NVRTC_DIR ?= target/nvrtc-13.0
+
+.PHONY: deps build up test lint fmt bench cuda-check gpu-build
 
 deps:
 	@./scripts/install-deps.sh
@@ -15,13 +17,25 @@ build: deps
 up: build
 	$(CARGO) run --quiet --release --bin expertmesh -- up $(UP_ARGS)
 
-## The whole test suite: format, lints, unit and end-to-end tests.
-test: deps lint
+## The whole test suite: format, lints, unit and end-to-end tests, the GPU build and kernels.
+test: deps lint cuda-check
 	$(CARGO) test --workspace --all-targets
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## GPU code without a GPU: everything builds and lints with --features cuda,nccl (cudarc opens
+## CUDA at run time), and every CUDA kernel compiles for sm_80 and sm_90 with NVRTC 13.0 from PyPI.
+cuda-check: deps
+	$(CARGO) clippy --workspace --all-targets --features expertmesh/cuda,expertmesh/nccl -- -D warnings
+	lib=$$(./scripts/install-nvrtc.sh $(NVRTC_DIR)) && \
+	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl
+
+## The binary for GPU machines (copied into .device-bin/ for scripts/gpu-check.sh).
+gpu-build: deps
+	$(CARGO) build --release --bin expertmesh --features cuda,nccl
+	mkdir -p .device-bin && cp target/release/expertmesh .device-bin/expertmesh
 
 fmt:
 	$(CARGO) fmt --all

@@ -10,6 +10,7 @@ pub(crate) const MODEL: &str = "EXPERTMESH_MODEL";
 pub(crate) const WORKER_ID: &str = "EXPERTMESH_WORKER_ID";
 pub(crate) const NODE: &str = "EXPERTMESH_NODE";
 pub(crate) const DEVICE: &str = "EXPERTMESH_DEVICE";
+pub(crate) const TFLOPS: &str = "EXPERTMESH_TFLOPS";
 pub(crate) const MEMORY_GIB: &str = "EXPERTMESH_MEMORY_GIB";
 pub(crate) const EXPECT_WORKERS: &str = "EXPERTMESH_EXPECT_WORKERS";
 pub(crate) const REPLICAS: &str = "EXPERTMESH_REPLICAS";

@@ -20,10 +20,76 @@ pub(crate) struct LocalCluster {
     children: Vec<Option<Child>>,
 }
 
+/// The workers of a local cluster: a count of CPU workers (`4`) or devices by kind
+/// (`cpu:2,cuda:1`: two CPU workers and one on `cuda:0`; CUDA workers take `cuda:0`,
+/// `cuda:1`, ... in order).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct WorkerMix {
+    devices: Vec<String>,
+}
+
+impl WorkerMix {
+    pub(crate) fn cpu(n: usize) -> Self {
+        Self { devices: vec!["cpu".into(); n] }
+    }
+
+    /// The `--device` of each worker, in start order.
+    pub(crate) fn devices(&self) -> &[String] {
+        &self.devices
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.devices.len()
+    }
+}
+
+impl std::str::FromStr for WorkerMix {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let want = "expected a worker count (4) or devices by kind (cpu:2,cuda:1)";
+        if let Ok(n) = s.trim().parse::<usize>() {
+            return if n == 0 { Err(format!("0 workers: {want}")) } else { Ok(Self::cpu(n)) };
+        }
+        let mut devices = Vec::new();
+        let mut gpus = 0;
+        for part in s.split(',').map(str::trim) {
+            let (kind, n) = part.split_once(':').ok_or_else(|| format!("`{part}`: {want}"))?;
+            let n: usize = n.parse().map_err(|_| format!("`{part}`: `{n}` is not a count; {want}"))?;
+            for _ in 0..n {
+                match kind {
+                    "cpu" => devices.push("cpu".to_string()),
+                    "cuda" => {
+                        devices.push(format!("cuda:{gpus}"));
+                        gpus += 1;
+                    }
+                    _ => return Err(format!("`{part}`: unknown device kind `{kind}`; expected cpu or cuda")),
+                }
+            }
+        }
+        if devices.is_empty() {
+            return Err(format!("`{s}` names no workers; {want}"));
+        }
+        Ok(Self { devices })
+    }
+}
+
+impl std::fmt::Display for WorkerMix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cpus = self.devices.iter().filter(|d| *d == "cpu").count();
+        let gpus = self.devices.len() - cpus;
+        match (cpus, gpus) {
+            (c, 0) => write!(f, "{c} CPU workers"),
+            (0, g) => write!(f, "{g} CUDA workers"),
+            (c, g) => write!(f, "{c} CPU and {g} CUDA workers"),
+        }
+    }
+}
+
 /// How to lay a local cluster out.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalOptions {
-    pub(crate) workers: usize,
+    pub(crate) workers: WorkerMix,
     pub(crate) replicas: usize,
     /// Coordinators (more than one needs an etcd store: they elect a leader).
     pub(crate) coordinators: usize,
@@ -35,7 +101,7 @@ pub(crate) struct LocalOptions {
 }
 
 impl LocalOptions {
-    pub(crate) fn simple(workers: usize, replicas: usize, worker_threads: Option<usize>) -> Self {
+    pub(crate) fn simple(workers: WorkerMix, replicas: usize, worker_threads: Option<usize>) -> Self {
         Self { workers, replicas, coordinators: 1, store: "embedded".into(), lease_ttl_ms: 10_000, worker_threads }
     }
 }
@@ -102,7 +168,7 @@ impl LocalCluster {
                     "--model".into(),
                     model.display().to_string(),
                     "--expect-workers".into(),
-                    opts.workers.to_string(),
+                    opts.workers.len().to_string(),
                     "--replicas".into(),
                     opts.replicas.to_string(),
                     "--store".into(),
@@ -118,7 +184,7 @@ impl LocalCluster {
             coordinators.push(addr);
         }
         let mut addrs = Vec::new();
-        let starts = (0..opts.workers).map(|i| {
+        let starts = opts.workers.devices().iter().enumerate().map(|(i, device)| {
             let mut args: Vec<String> = vec![
                 "worker".into(),
                 "--listen".into(),
@@ -126,7 +192,7 @@ impl LocalCluster {
                 "--id".into(),
                 format!("worker-{i}"),
                 "--device".into(),
-                "cpu".into(),
+                device.clone(),
             ];
             if let Some(n) = opts.worker_threads {
                 args.extend(["--compute-threads".into(), n.to_string()]);
@@ -259,5 +325,29 @@ impl LocalEtcd {
     pub(crate) async fn restart(&mut self) -> Result<()> {
         self.kill().await;
         self.spawn().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_mix_parses_counts_and_kinds() {
+        assert_eq!("3".parse::<WorkerMix>().unwrap().devices(), ["cpu", "cpu", "cpu"]);
+        let m: WorkerMix = "cpu:2,cuda:2".parse().unwrap();
+        assert_eq!(m.devices(), ["cpu", "cpu", "cuda:0", "cuda:1"]);
+        assert_eq!(m.to_string(), "2 CPU and 2 CUDA workers");
+        assert_eq!("cuda:1, cpu:1".parse::<WorkerMix>().unwrap().devices(), ["cuda:0", "cpu"]);
+        for (bad, says) in [
+            ("0", "0 workers"),
+            ("cpu:0", "names no workers"),
+            ("tpu:1", "unknown device kind `tpu`"),
+            ("cpu:x", "`x` is not a count"),
+            ("cpu", "expected a worker count"),
+        ] {
+            let e = bad.parse::<WorkerMix>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

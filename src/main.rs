@@ -49,6 +49,9 @@ enum Cmd {
     /// Size a cluster for a model and a workload: memory per device, placement, traffic,
     /// roofline step time and tokens/s; or search for the smallest inventory (docs/planner.md).
     Plan(cmd::plan::PlanArgs),
+    /// One device's backend without a cluster: conformance against the float64 reference
+    /// (`check`), the start-up probe (`probe`), expert FFN rates at model shapes (`bench`).
+    Backend(cmd::backend::BackendArgs),
 }
 
 fn init_tracing(cli: &Cli, default: &str) {
@@ -95,6 +98,7 @@ fn run() -> Result<()> {
             Cmd::Status(a) => cmd::status::run(a).await,
             Cmd::Drain(a) => cmd::drain::run(a).await,
             Cmd::Plan(a) => cmd::plan::plan(a).await,
+            Cmd::Backend(a) => cmd::backend::run(a),
         }
     })
 }

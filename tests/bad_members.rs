@@ -25,7 +25,13 @@ fn info(id: &str, address: &str) -> WorkerInfo {
         worker_id: id.into(),
         address: address.into(),
         node: "fake-node".into(),
-        devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: 64 << 30, tflops: 1.0 }],
+        devices: vec![DeviceInfo {
+            kind: "cpu".into(),
+            index: 0,
+            memory_bytes: 64 << 30,
+            tflops: 1.0,
+            ..Default::default()
+        }],
     }
 }
 

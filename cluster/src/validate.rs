@@ -30,6 +30,13 @@ pub fn check_worker_info(info: &WorkerInfo) -> Result<(), String> {
         if !d.tflops.is_finite() || d.tflops < 0.0 || d.tflops > 1e6 {
             return Err(format!("devices[{i}].tflops is {}; expected a finite number in 0..=1e6", d.tflops));
         }
+        if d.name.len() > 256 || d.name.chars().any(char::is_control) {
+            return Err(format!(
+                "devices[{i}].name is {} bytes{}; expected up to 256 bytes of printable text",
+                d.name.len(),
+                if d.name.chars().any(char::is_control) { " with control characters" } else { "" }
+            ));
+        }
     }
     Ok(())
 }
@@ -66,7 +73,13 @@ mod tests {
             worker_id: "w1".into(),
             address: "127.0.0.1:7500".into(),
             node: "n1".into(),
-            devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: 1 << 30, tflops: 1.0 }],
+            devices: vec![DeviceInfo {
+                kind: "cpu".into(),
+                index: 0,
+                memory_bytes: 1 << 30,
+                tflops: 1.0,
+                ..Default::default()
+            }],
         }
     }
 

@@ -17,6 +17,20 @@ pub struct WorkerCapacity {
     pub tflops: f64,
 }
 
+impl WorkerCapacity {
+    /// How much of the load this worker should take: its throughput rounded to half-octave
+    /// steps (probes of the same hardware differ by noise, more so when workers start together
+    /// on one machine, and a few percent must not move experts), or its memory when it gives no
+    /// throughput.
+    pub fn weight(&self) -> f64 {
+        if self.tflops > 0.0 && self.tflops.is_finite() {
+            2f64.powf((2.0 * self.tflops.log2()).round() / 2.0)
+        } else {
+            (self.memory_bytes as f64).max(1.0)
+        }
+    }
+}
+
 /// What must be placed.
 #[derive(Debug, Clone)]
 pub struct PlacementRequest {
@@ -110,8 +124,7 @@ impl PlacementPolicy for CapacitySpread {
                 req.experts
             )));
         }
-        let weight: Vec<f64> =
-            workers.iter().map(|w| if w.tflops > 0.0 { w.tflops } else { (w.memory_bytes as f64).max(1.0) }).collect();
+        let weight: Vec<f64> = workers.iter().map(WorkerCapacity::weight).collect();
         let cap: Vec<u64> =
             workers.iter().map(|w| w.memory_bytes.checked_div(req.expert_bytes).unwrap_or(u64::MAX)).collect();
         let mut count = vec![0u64; workers.len()];

@@ -6,6 +6,7 @@
 //! and out, shapes with odd k, k longer than one chunk and rows past one row chunk, groups of
 //! 0, 1 and odd row counts, an expert taking two groups, a batch of no rows, DeepSeek V4's
 //! SwiGLU clamp, experts kept from a previous resident layer, and the errors a caller can cause.
+//! Output buffers start as NaN, so an element a kernel never writes fails its case.
 //!
 //! ```no_run
 //! use expertmesh_kernels::{conformance::Suite, cpu::CpuBackend};
@@ -351,7 +352,15 @@ impl Suite {
         let x = backend
             .upload(HostRows::new(c.x_dtype, rows, c.hidden, p.x.clone()).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
-        let mut out = backend.alloc(c.out_dtype, rows, c.hidden).map_err(|e| e.to_string())?;
+        // The output starts as NaN (bf16 0x7FC0, f32 0x7FC00000): an element the backend never
+        // writes fails the check below.
+        let poison: Vec<u8> = match c.out_dtype {
+            DType::BF16 => [0xC0, 0x7F].repeat(rows * c.hidden),
+            _ => [0x00, 0x00, 0xC0, 0x7F].repeat(rows * c.hidden),
+        };
+        let mut out = backend
+            .upload(HostRows::new(c.out_dtype, rows, c.hidden, Bytes::from(poison)).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         layer.forward(&*x, &groups, &mut *out).map_err(|e| e.to_string())?;
         let got = backend.download(out).map_err(|e| e.to_string())?;
         if (got.dtype, got.rows, got.cols) != (c.out_dtype, rows, c.hidden) {
@@ -367,6 +376,9 @@ impl Suite {
             let (g, w) = (&got[r * c.hidden..(r + 1) * c.hidden], &p.want[r * c.hidden..(r + 1) * c.hidden]);
             let err = g.iter().zip(w).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
             let norm = w.iter().map(|b| b * b).sum::<f64>().sqrt().max(1e-30);
+            if let Some(col) = g.iter().position(|v| !v.is_finite()) {
+                return Err(format!("row {r} column {col} is {} (never written, or computed as NaN)", g[col]));
+            }
             if err / norm >= tol || !err.is_finite() {
                 return Err(format!("row {r}: relative L2 error {:.3e} (tolerance {tol:.1e})", err / norm));
             }

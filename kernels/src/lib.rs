@@ -20,8 +20,12 @@ use thiserror::Error;
 pub mod bench;
 pub mod conformance;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod cuda_plan;
 mod weights;
 
+pub use bench::{probe, DeviceProbe};
 pub use weights::{BlockScales, ExpertWeights, LayerWeights, StoredMatrix};
 
 /// Errors from a backend.
@@ -33,6 +37,8 @@ pub enum KernelError {
     UnknownDevice(String),
     #[error("shape mismatch: {0}")]
     Shape(String),
+    #[error("device error: {0}")]
+    Device(String),
     #[error("layer {layer} holds no expert {expert} on this backend")]
     NotResident { layer: usize, expert: u32 },
 }
@@ -84,7 +90,7 @@ pub trait Rows: Send + Sync + std::fmt::Debug {
 
 /// Which rows of a batch each expert takes: rows `offsets[i]..offsets[i + 1]` go to
 /// `experts[i]`. An expert may appear more than once; groups may be empty.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Groups {
     pub experts: Vec<u32>,
     pub offsets: Vec<usize>,
@@ -170,6 +176,10 @@ pub trait ExpertBackend: Send + Sync + std::fmt::Debug {
     fn download(&self, rows: Box<dyn Rows>) -> Result<HostRows>;
     /// `out[m, n] = a[m, k] . b[n, k]^T`, f32 in host memory (the router's product).
     fn matmul_nt(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) -> Result<()>;
+    /// (free, total) bytes of the memory that holds this backend's weights.
+    fn memory(&self) -> Result<(u64, u64)>;
+    /// Device kind and index as a worker reports them: ("cpu", 0), ("cuda", 1).
+    fn device(&self) -> (&'static str, u32);
 }
 
 /// Activations are bf16 or f32.
@@ -182,13 +192,35 @@ pub fn check_activation_dtype(dtype: DType) -> Result<()> {
 
 /// The backend for a device name: `cpu`, `cuda:N`, `npu:N`.
 pub fn backend_for_device(device: &str) -> Result<Arc<dyn ExpertBackend>> {
-    let kind = device.split(':').next().unwrap_or_default();
+    let (kind, index) = match device.split_once(':') {
+        Some((k, i)) => (k, Some(i)),
+        None => (device, None),
+    };
+    let ordinal = || -> Result<usize> {
+        index.unwrap_or("0").parse().map_err(|_| KernelError::UnknownDevice(device.to_string()))
+    };
     match kind {
-        "cpu" => Ok(Arc::new(cpu::CpuBackend::new())),
-        "cuda" | "npu" => Err(KernelError::NotCompiledIn {
+        "cpu" if index.is_none() || index == Some("0") => Ok(Arc::new(cpu::CpuBackend::new())),
+        "cuda" => cuda_backend(ordinal()?),
+        "npu" => Err(KernelError::NotCompiledIn {
             device: device.to_string(),
-            reason: format!("this build has only the cpu backend; the {kind} backend is not implemented yet"),
+            reason: "there is no NPU backend yet; workers run on cpu or cuda:N".into(),
         }),
         _ => Err(KernelError::UnknownDevice(device.to_string())),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend(ordinal: usize) -> Result<Arc<dyn ExpertBackend>> {
+    Ok(Arc::new(cuda::CudaBackend::new(ordinal)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend(ordinal: usize) -> Result<Arc<dyn ExpertBackend>> {
+    Err(KernelError::NotCompiledIn {
+        device: format!("cuda:{ordinal}"),
+        reason: "this binary was built without the `cuda` feature; build it with \
+                 `cargo build --release --features cuda,nccl`"
+            .into(),
+    })
 }

@@ -18,7 +18,7 @@ use expertmesh_kernels::ExpertBackend;
 use expertmesh_worker::synth::{generate, GenOptions};
 use tokio_util::sync::CancellationToken;
 
-use crate::local::LocalOptions;
+use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{cluster_dispatcher, parse_wire, percentile, random_batch, scratch, which};
 
 mod fault;
@@ -29,8 +29,9 @@ pub(crate) struct BenchArgs {
     /// top-6, expert FFN 1024).
     #[arg(long)]
     pub(crate) model: Option<PathBuf>,
-    #[arg(long, default_value_t = 4)]
-    pub(crate) workers: usize,
+    /// Workers: a count of CPU workers, or devices by kind (`cpu:2,cuda:1`).
+    #[arg(long, default_value = "4")]
+    pub(crate) workers: WorkerMix,
     /// Compute threads of each worker (default: one per core; the workers share the cores).
     #[arg(long)]
     pub(crate) worker_threads: Option<usize>,
@@ -192,10 +193,10 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
 
     let local = LocalMoe::new(ck.clone(), backend.clone()).with_activations(wire)?;
     local.preload(layer).await?;
-    eprintln!("distributed: {} workers on loopback", a.workers);
+    eprintln!("distributed: {} on loopback", a.workers);
     let stop = CancellationToken::new();
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
-    let opts = LocalOptions::simple(a.workers, 1, a.worker_threads);
+    let opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
     let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     eprintln!("timing the in-process and the distributed layer, alternating");
     let mut results = Vec::new();
@@ -252,7 +253,8 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let out = serde_json::json!({
         "benchmark": "moe_layer",
         "model": {"model_type": spec.model_type, "hidden": spec.hidden, "experts": spec.n_routed, "top_k": spec.top_k, "expert_ffn": spec.moe_ffn, "layer": layer},
-        "workers": a.workers,
+        "workers": a.workers.len(),
+        "worker_devices": a.workers.devices(),
         "worker_compute_threads": a.worker_threads.unwrap_or(cpus),
         "wire_dtype": wire.name(),
         "iters": a.iters,

@@ -16,7 +16,7 @@ use expertmesh_worker::synth::{write_safetensors, OwnedTensor};
 use tokio_util::sync::CancellationToken;
 
 use crate::env;
-use crate::local::LocalOptions;
+use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{cluster_dispatcher, parse_wire, scratch};
 
 #[derive(Debug, Args)]
@@ -123,8 +123,13 @@ pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
             }
             let stop = CancellationToken::new();
             let logs = scratch("expertmesh-forward-")?;
-            let (cluster, d) =
-                cluster_dispatcher(&model, &LocalOptions::simple(n, 1, None), logs.path(), stop.clone()).await?;
+            let (cluster, d) = cluster_dispatcher(
+                &model,
+                &LocalOptions::simple(WorkerMix::cpu(n), 1, None),
+                logs.path(),
+                stop.clone(),
+            )
+            .await?;
             let r = d.forward(inp, wire).await;
             stop.cancel();
             cluster.stop().await;

@@ -1,6 +1,7 @@
 //! The subcommands: each module owns its arguments and its `run`; helpers they share live in
 //! `crate::shared`, local clusters in `crate::local`.
 
+pub(crate) mod backend;
 pub(crate) mod bench;
 pub(crate) mod coordinator;
 pub(crate) mod drain;

@@ -47,7 +47,11 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
                     "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
                     "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining,
                     "verified": w.verified, "left_out": w.left_out, "resident_bytes": w.resident_bytes,
-                    "rss_bytes": w.rss_bytes})
+                    "rss_bytes": w.rss_bytes,
+                    "devices": i.devices.iter().map(|d| serde_json::json!({"kind": d.kind, "index": d.index,
+                        "name": d.name, "tflops": d.tflops, "tflops_measured": d.tflops_measured,
+                        "memory_offered_bytes": d.memory_bytes, "memory_total_bytes": d.memory_total_bytes}))
+                        .collect::<Vec<_>>()})
             })
             .collect();
         println!(
@@ -81,6 +85,18 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
             w.tokens_total,
             w.heartbeat_age_s
         );
+        for d in &i.devices {
+            println!(
+                "      {}:{} {:.3} TFLOP/s ({}), {} offered of {}; {}",
+                d.kind,
+                d.index,
+                d.tflops,
+                if d.tflops_measured { "measured" } else { "set by --tflops" },
+                fmt_bytes(d.memory_bytes),
+                fmt_bytes(d.memory_total_bytes),
+                d.name
+            );
+        }
         if w.draining {
             println!("      draining: its experts are moving to the other workers");
         }

@@ -13,7 +13,7 @@ use expertmesh_dispatcher::moe::MoeInput;
 use expertmesh_proto::v1::ClusterStatusRequest;
 
 use crate::env;
-use crate::local::LocalOptions;
+use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{
     cluster_dispatcher, parse_wire, percentile, random_batch, resolve_model, scratch, shutdown_on_signals, ModelSource,
 };
@@ -22,8 +22,9 @@ use crate::shared::{
 pub(crate) struct UpArgs {
     #[command(flatten)]
     pub(crate) source: ModelSource,
-    #[arg(long, default_value_t = 4)]
-    pub(crate) workers: usize,
+    /// Workers: a count of CPU workers, or devices by kind (`cpu:2,cuda:1`).
+    #[arg(long, default_value = "4")]
+    pub(crate) workers: WorkerMix,
     /// Stop after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     pub(crate) duration: Option<f64>,
@@ -56,8 +57,8 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("expertmesh-up-logs-{}", std::process::id())));
     let stop = shutdown_on_signals();
-    eprintln!("starting coordinator and {} workers (logs in {})", a.workers, log_dir.display());
-    let opts = LocalOptions::simple(a.workers, a.replicas, a.worker_threads);
+    eprintln!("starting coordinator and {} (logs in {})", a.workers, log_dir.display());
+    let opts = LocalOptions::simple(a.workers.clone(), a.replicas, a.worker_threads);
     let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let spec = d.spec().clone();
     let layers = spec.moe_layers();

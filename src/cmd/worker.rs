@@ -43,13 +43,18 @@ pub(crate) struct WorkerArgs {
     /// Machine name, for spreading replicas (default: the hostname).
     #[arg(long, env = env::NODE)]
     pub(crate) node: Option<String>,
-    /// cpu (cuda:N and npu:N are not in this build yet).
+    /// cpu, or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu", env = env::DEVICE)]
     pub(crate) device: String,
+    /// Throughput placement weights this worker by, TFLOP/s (default: measured at start by a
+    /// short bf16 expert-FFN probe on the worker's backend).
+    #[arg(long, env = env::TFLOPS)]
+    pub(crate) tflops: Option<f64>,
     /// Checkpoint directory (default: the path the coordinator serves).
     #[arg(long, env = env::MODEL)]
     pub(crate) model: Option<PathBuf>,
-    /// Memory offered for expert weights, GiB (default: the machine's available memory).
+    /// Memory offered for expert weights, GiB (default: what the device has free at start:
+    /// MemAvailable on a CPU, free device memory on a GPU).
     #[arg(long, env = env::MEMORY_GIB)]
     pub(crate) memory_gib: Option<f64>,
     #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
@@ -118,24 +123,17 @@ fn worker_signals() -> StopSignals {
     signals
 }
 
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(8 << 30)
-}
-
 pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
     let id = a.id.unwrap_or_else(|| format!("worker-{}", std::process::id()));
     let node = a.node.unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
     });
-    let memory_bytes = a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64).unwrap_or_else(available_memory);
+    let memory_bytes = a.memory_gib.map(|g| (g * (1u64 << 30) as f64) as u64);
+    if let Some(t) = a.tflops {
+        if !(t.is_finite() && t > 0.0 && t <= 1e6) {
+            bail!("--tflops {t}: expected a positive number of TFLOP/s up to 1e6 (or leave it out to measure)");
+        }
+    }
     let control = match (a.store, a.coordinator) {
         (Some(url), _) if url != "embedded" => {
             ControlTarget::Store { url, cluster: a.cluster, lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)) }
@@ -155,7 +153,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         device: a.device,
         model: a.model,
         memory_bytes,
-        tflops: 1.0,
+        tflops: a.tflops,
         admission: AdmissionConfig {
             limits: Limits {
                 max_message_bytes: a.max_message_mib << 20,

@@ -39,8 +39,10 @@ pub struct WorkerConfig {
     pub device: String,
     /// Checkpoint directory; default: the one the coordinator names.
     pub model: Option<PathBuf>,
-    pub memory_bytes: u64,
-    pub tflops: f64,
+    /// Memory offered for expert weights; None: what the device has free at start.
+    pub memory_bytes: Option<u64>,
+    /// Throughput placement weights this worker by; None: measured at start by the probe.
+    pub tflops: Option<f64>,
     /// Limits and admission control of the worker's servers.
     pub admission: AdmissionConfig,
     pub dispatcher: DispatcherConfig,
@@ -233,6 +235,38 @@ fn my_experts(plan: &PlacementPlan, worker_id: &str) -> HashSet<(u32, u32)> {
     out
 }
 
+/// The device as the worker reports it: throughput from the probe on its backend (unless
+/// `tflops` overrides it), memory from the device (unless `memory` overrides it).
+async fn measure_device(
+    backend: &Arc<dyn expertmesh_kernels::ExpertBackend>,
+    memory: Option<u64>,
+    tflops: Option<f64>,
+) -> Result<DeviceInfo> {
+    let b = backend.clone();
+    let probe = on_pool(move || expertmesh_kernels::probe(&*b))
+        .await?
+        .map_err(|e| WorkerError::Internal(format!("the throughput probe on {} failed: {e}", backend.name())))?;
+    let (kind, index) = backend.device();
+    tracing::info!(
+        backend = %backend.name(),
+        probe_tflops = format!("{:.3}", probe.tflops),
+        probe_rows_per_expert = probe.rows_per_expert,
+        probe_ms = format!("{:.2}", probe.seconds * 1e3),
+        memory_free = probe.memory_free,
+        memory_total = probe.memory_total,
+        "device measured (bf16 expert FFN, 8 experts of 1024 x 512)"
+    );
+    Ok(DeviceInfo {
+        kind: kind.into(),
+        index,
+        memory_bytes: memory.unwrap_or(probe.memory_free),
+        tflops: tflops.unwrap_or(probe.tflops),
+        name: backend.name(),
+        memory_total_bytes: probe.memory_total,
+        tflops_measured: tflops.is_none(),
+    })
+}
+
 /// Run a worker until it is stopped or drained. Prints `EXPERTMESH_WORKER_READY id=.. addr=..`
 /// on stdout once it serves.
 pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
@@ -243,18 +277,14 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         check_address("--advertise", a).map_err(WorkerError::InvalidInput)?;
     }
     let backend = backend_for_device(&cfg.device)?;
+    let device = measure_device(&backend, cfg.memory_bytes, cfg.tflops).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = cfg.advertise.clone().unwrap_or(listener.local_addr()?.to_string());
     let info_msg = WorkerInfo {
         worker_id: cfg.worker_id.clone(),
         address: addr.clone(),
         node: cfg.node.clone(),
-        devices: vec![DeviceInfo {
-            kind: cfg.device.clone(),
-            index: 0,
-            memory_bytes: cfg.memory_bytes,
-            tflops: cfg.tflops,
-        }],
+        devices: vec![device],
     };
     let control = connect_control(&cfg.control, Duration::from_secs(30)).await.map_err(from_cluster)?;
     let reg = register_with_retry(&control, &info_msg, Duration::from_secs(30)).await?;

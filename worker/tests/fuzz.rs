@@ -194,7 +194,7 @@ proptest! {
             worker_id: id,
             address: addr,
             node: "n".into(),
-            devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: memory, tflops }],
+            devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: memory, tflops, ..Default::default() }],
         };
         if expertmesh_cluster::validate::check_worker_info(&w).is_ok() {
             prop_assert!(tflops.is_finite() && tflops >= 0.0);

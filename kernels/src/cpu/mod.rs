@@ -375,6 +375,28 @@ impl ExpertBackend for CpuBackend {
     fn matmul_nt(&self, a: &[f32], b: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) -> Result<()> {
         matmul_nt(a, b, m, n, k, out)
     }
+
+    fn memory(&self) -> Result<(u64, u64)> {
+        host_memory()
+            .ok_or_else(|| KernelError::Device("cannot read MemAvailable and MemTotal from /proc/meminfo".into()))
+    }
+
+    fn device(&self) -> (&'static str, u32) {
+        ("cpu", 0)
+    }
+}
+
+/// (available, total) bytes of host memory, from `/proc/meminfo`.
+pub fn host_memory() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    Some((field("MemAvailable:")?, field("MemTotal:")?))
 }
 
 /// `out[m, n] = a[m, k] . b[n, k]^T`, all row-major, f32, on the current rayon pool.

@@ -73,7 +73,7 @@ fn load_seconds(ck: &Checkpoint, layer: usize, experts: &[u32]) -> Result<f64> {
 }
 
 pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work: &Path) -> Result<()> {
-    if a.workers < 2 {
+    if a.workers.len() < 2 {
         bail!("--fault needs at least 2 workers (--workers), so that someone survives");
     }
     let ck = Arc::new(Checkpoint::open(model)?);
@@ -85,10 +85,10 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.join("logs"));
     std::fs::create_dir_all(&log_dir)?;
 
-    eprintln!("starting etcd, 2 coordinators and {} workers (registered in etcd)", a.workers);
+    eprintln!("starting etcd, 2 coordinators and {} (registered in etcd)", a.workers);
     let mut etcd = LocalEtcd::start(&log_dir).await?;
     let opts = LocalOptions {
-        workers: a.workers,
+        workers: a.workers.clone(),
         replicas: a.replicas,
         coordinators: 2,
         store: etcd.url(),
@@ -285,7 +285,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         "benchmark": "fault",
         "fault": format!("{fault:?}"),
         "model": {"model_type": spec.model_type, "hidden": spec.hidden, "experts": spec.n_routed, "top_k": spec.top_k, "expert_ffn": spec.moe_ffn, "layer": layer},
-        "workers": a.workers,
+        "workers": a.workers.len(),
         "replicas": a.replicas,
         "coordinators": 2,
         "store": "etcd",
