@@ -11,13 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
 use common::etcd::Etcd;
+use common::fake::{coordinator, healthy_looking_server, register_and_heartbeat};
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
 use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
-use expertmesh_proto::v1::{
-    DeviceInfo, GetPlacementRequest, HeartbeatRequest, LoadReport, RegisterRequest, WorkerInfo,
-};
+use expertmesh_proto::v1::{DeviceInfo, GetPlacementRequest, LoadReport, RegisterRequest, WorkerInfo};
 use tonic::transport::Channel;
 
 fn info(id: &str, address: &str) -> WorkerInfo {
@@ -33,39 +32,6 @@ fn info(id: &str, address: &str) -> WorkerInfo {
             ..Default::default()
         }],
     }
-}
-
-async fn coordinator(addr: &str) -> CoordinatorClient<Channel> {
-    CoordinatorClient::connect(format!("http://{addr}")).await.unwrap()
-}
-
-/// Register `info` and keep its lease alive until the task is aborted.
-async fn register_and_heartbeat(c: &mut CoordinatorClient<Channel>, w: WorkerInfo) -> tokio::task::JoinHandle<()> {
-    let r = c.register(RegisterRequest { worker: Some(w.clone()), epoch: 0 }).await.unwrap().into_inner();
-    let mut c = c.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let _ = c.heartbeat(HeartbeatRequest { worker_id: w.worker_id.clone(), lease_id: r.lease_id }).await;
-        }
-    })
-}
-
-/// A gRPC server that answers its health check as an ExpertService would, and nothing else:
-/// a member that looks alive and never loads anything.
-async fn healthy_looking_server() -> (String, tokio::task::JoinHandle<()>) {
-    let (reporter, health) = tonic_health::server::health_reporter();
-    reporter.set_service_status("expertmesh.v1.ExpertService", tonic_health::ServingStatus::Serving).await;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let task = tokio::spawn(async move {
-        let _reporter = reporter;
-        let _ = tonic::transport::Server::builder()
-            .add_service(health)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
-            .await;
-    });
-    (addr, task)
 }
 
 fn worker_status<'a>(s: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {

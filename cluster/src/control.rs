@@ -48,7 +48,15 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     async fn register(&self, info: &WorkerInfo, epoch: u64) -> Result<Registration>;
     /// Renew the lease; false when it is gone (register again).
     async fn keep_alive(&self, worker: &str, lease: u64) -> Result<bool>;
-    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()>;
+    /// The worker loaded placement `epoch` (or could not: `error`). As rank 0 of an NCCL group
+    /// of that placement it also reports the group's unique id (`nccl`: group name and id).
+    async fn report_ready(
+        &self,
+        worker: &str,
+        epoch: u64,
+        error: String,
+        nccl: Option<(String, Vec<u8>)>,
+    ) -> Result<()>;
     async fn report_load(&self, report: LoadReport, lease: u64) -> Result<()>;
     /// Ask for the worker's experts to be moved away. Returns false when no other worker can
     /// take them.
@@ -152,8 +160,22 @@ impl ControlPlane for GrpcControl {
         Ok(r.into_inner().known)
     }
 
-    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()> {
-        self.client.clone().report_ready(ReportReadyRequest { worker_id: worker.into(), epoch, error }).await?;
+    async fn report_ready(
+        &self,
+        worker: &str,
+        epoch: u64,
+        error: String,
+        nccl: Option<(String, Vec<u8>)>,
+    ) -> Result<()> {
+        let (nccl_group, nccl_unique_id) = nccl.unwrap_or_default();
+        let req = ReportReadyRequest {
+            worker_id: worker.into(),
+            epoch,
+            error,
+            nccl_group,
+            nccl_unique_id: nccl_unique_id.into(),
+        };
+        self.client.clone().report_ready(req).await?;
         Ok(())
     }
 
@@ -254,7 +276,20 @@ impl ControlPlane for StoreControl {
         self.store.keep_alive(lease as i64).await.map_err(store_err)
     }
 
-    async fn report_ready(&self, worker: &str, epoch: u64, error: String) -> Result<()> {
+    async fn report_ready(
+        &self,
+        worker: &str,
+        epoch: u64,
+        error: String,
+        nccl: Option<(String, Vec<u8>)>,
+    ) -> Result<()> {
+        // The id first: whoever sees the worker ready finds its group's id already stored.
+        if let Some((group, id)) = nccl {
+            if id.len() != crate::groups::NCCL_ID_BYTES {
+                return Err(ClusterError::InvalidInput(format!("an NCCL unique id of {} bytes", id.len())));
+            }
+            self.store.put(&self.keys.nccl_id(epoch, &group), id, None).await.map_err(store_err)?;
+        }
         self.store.put(&self.keys.ready(epoch, worker), error.into_bytes(), None).await.map_err(store_err)?;
         Ok(())
     }
@@ -295,6 +330,7 @@ impl ControlPlane for StoreControl {
         let (kvs, mut watch) =
             watch_prefix(self.store.clone(), &self.keys.placement(), opts).await.map_err(store_err)?;
         let mut plans: BTreeMap<u64, PlacementPlan> = BTreeMap::new();
+        let mut ids: BTreeMap<(u64, String), Vec<u8>> = BTreeMap::new();
         let (mut cur, mut pend) = (0u64, 0u64);
         for kv in &kvs {
             match self.keys.parse(&kv.key) {
@@ -302,6 +338,9 @@ impl ControlPlane for StoreControl {
                     if let Ok(p) = PlacementPlan::decode(kv.value.as_slice()) {
                         plans.insert(e, p);
                     }
+                }
+                Some(Key::NcclId(e, g)) => {
+                    ids.insert((e, g), kv.value.clone());
                 }
                 Some(Key::Current) => cur = parse_epoch(&kv.value),
                 Some(Key::Pending) => pend = parse_epoch(&kv.value),
@@ -311,7 +350,9 @@ impl ControlPlane for StoreControl {
         let (tx, rx) = mpsc::channel(16);
         let mut initial = Vec::new();
         if let Some(p) = plans.get(&cur) {
-            initial.push(PlacementEvent { plan: Some(p.clone()), committed: true });
+            let mut p = p.clone();
+            crate::groups::fill_ids(&mut p, &ids);
+            initial.push(PlacementEvent { plan: Some(p), committed: true });
         }
         if pend > cur {
             if let Some(p) = plans.get(&pend) {
@@ -347,11 +388,15 @@ impl ControlPlane for StoreControl {
                                 }
                                 continue;
                             }
+                            Some(Key::NcclId(e, g)) => {
+                                ids.insert((e, g), value);
+                                continue;
+                            }
                             Some(Key::Current) => (parse_epoch(&value), true),
                             Some(Key::Pending) => (parse_epoch(&value), false),
                             _ => continue,
                         };
-                        let plan = match plans.get(&epoch) {
+                        let mut plan = match plans.get(&epoch) {
                             Some(p) => p.clone(),
                             None => match me.get_plan(epoch).await {
                                 Ok(Some(p)) => p,
@@ -359,7 +404,9 @@ impl ControlPlane for StoreControl {
                             },
                         };
                         if committed {
+                            crate::groups::fill_ids(&mut plan, &ids);
                             plans.retain(|e, _| *e >= epoch);
+                            ids.retain(|(e, _), _| *e >= epoch);
                         }
                         if tx.send(PlacementEvent { plan: Some(plan), committed }).await.is_err() {
                             return;

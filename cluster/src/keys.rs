@@ -20,6 +20,8 @@ pub enum Key {
     Pending,
     /// `placement/current`: the committed epoch.
     Current,
+    /// `placement/nccl/{epoch:020}/{group}`: the NCCL unique id rank 0 of the group made.
+    NcclId(u64, String),
     /// `leader`: the leading coordinator's address, under its lease.
     Leader,
     /// `model/config.json` and `model/dir`: the model the cluster serves.
@@ -88,6 +90,14 @@ impl ClusterKeys {
         self.k("placement/")
     }
 
+    pub fn nccl_id(&self, epoch: u64, group: &str) -> String {
+        self.k(&format!("placement/nccl/{epoch:020}/{group}"))
+    }
+
+    pub fn nccl_ids(&self) -> String {
+        self.k("placement/nccl/")
+    }
+
     pub fn pending(&self) -> String {
         self.k("placement/pending")
     }
@@ -123,6 +133,10 @@ impl ClusterKeys {
             }
             ("placement", "pending") => Some(Key::Pending),
             ("placement", "current") => Some(Key::Current),
+            ("placement", t) if t.starts_with("nccl/") => {
+                let (e, g) = t["nccl/".len()..].split_once('/')?;
+                (!g.is_empty()).then(|| Some(Key::NcclId(e.parse().ok()?, g.into())))?
+            }
             ("placement", e) => e.parse().ok().map(Key::Plan),
             ("leader", "") => Some(Key::Leader),
             ("model", "config.json") => Some(Key::ModelConfig),
@@ -152,6 +166,8 @@ mod tests {
         assert_eq!(k.parse(&k.plan(12)), Some(Key::Plan(12)));
         assert_eq!(k.parse(&k.pending()), Some(Key::Pending));
         assert_eq!(k.parse(&k.current()), Some(Key::Current));
+        assert_eq!(k.parse(&k.nccl_id(4, "node-a")), Some(Key::NcclId(4, "node-a".into())));
+        assert_eq!(k.parse(&format!("{}placement/nccl/4/", k.root())), None);
         assert_eq!(k.parse(&k.leader()), Some(Key::Leader));
         assert_eq!(k.parse(&k.model_config()), Some(Key::ModelConfig));
         assert_eq!(k.parse(&k.model_dir()), Some(Key::ModelDir));

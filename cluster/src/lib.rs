@@ -6,6 +6,7 @@
 
 pub mod control;
 pub mod error;
+pub mod groups;
 pub mod keys;
 pub mod store;
 pub mod validate;

@@ -148,6 +148,8 @@ struct State {
     failed_for: Option<Vec<WorkerInfo>>,
     /// Workers a dispatcher could not reach -> who reported it.
     suspects: BTreeMap<String, String>,
+    /// NCCL unique ids rank 0 of each group reported: (epoch, group) -> id.
+    nccl_ids: BTreeMap<(u64, String), Vec<u8>>,
 }
 
 impl State {
@@ -362,6 +364,17 @@ impl CoordinatorCore {
             (Key::Plan(epoch), None) => {
                 st.plans.remove(&epoch);
             }
+            (Key::NcclId(epoch, group), Some(v)) => {
+                st.nccl_ids.insert((epoch, group), v.to_vec());
+                let ids = std::mem::take(&mut st.nccl_ids);
+                if let Some(c) = st.current.as_mut().filter(|c| c.epoch == epoch) {
+                    expertmesh_cluster::groups::fill_ids(c, &ids);
+                }
+                st.nccl_ids = ids;
+            }
+            (Key::NcclId(epoch, group), None) => {
+                st.nccl_ids.remove(&(epoch, group));
+            }
             (Key::Pending, Some(v)) => {
                 let epoch = parse_epoch(v);
                 if epoch > State::epoch_of(&st.current) && epoch != State::epoch_of(&st.pending) {
@@ -375,7 +388,8 @@ impl CoordinatorCore {
             (Key::Current, Some(v)) => {
                 let epoch = parse_epoch(v);
                 if epoch != State::epoch_of(&st.current) {
-                    if let Some(p) = st.plans.get(&epoch).cloned() {
+                    if let Some(mut p) = st.plans.get(&epoch).cloned() {
+                        expertmesh_cluster::groups::fill_ids(&mut p, &st.nccl_ids);
                         for w in &p.workers {
                             if let Some(m) = st.members.get_mut(&w.worker_id).filter(|m| m.info == *w) {
                                 m.ready_epoch = m.ready_epoch.max(epoch);
@@ -733,6 +747,12 @@ impl CoordinatorCore {
                 self.store.delete(&kv.key).await?;
             }
         }
+        let (ids, _) = self.store.list(&self.keys.nccl_ids()).await?;
+        for kv in ids {
+            if matches!(self.keys.parse(&kv.key), Some(Key::NcclId(e, _)) if e < committed) {
+                self.store.delete(&kv.key).await?;
+            }
+        }
         let (plans, _) = self.store.list(&self.keys.placement()).await?;
         for kv in plans {
             if matches!(self.keys.parse(&kv.key), Some(Key::Plan(e)) if e + PLANS_KEPT < committed) {
@@ -768,6 +788,7 @@ impl CoordinatorCore {
         };
         let epoch = st.epoch.max(self.epoch_floor.load(Ordering::Acquire)) + 1;
         let draining: Vec<String> = st.draining.iter().filter(|d| st.members.contains_key(*d)).cloned().collect();
+        let nccl_groups = expertmesh_cluster::groups::plan_groups(&workers);
         let msg = PlacementPlan {
             epoch,
             workers,
@@ -779,6 +800,7 @@ impl CoordinatorCore {
                     experts: experts.iter().map(|r| Replicas { workers: r.clone() }).collect(),
                 })
                 .collect(),
+            nccl_groups,
             draining,
         };
         // Written once: a second leader racing for the same epoch loses here.
@@ -934,6 +956,16 @@ impl Coordinator for CoordinatorService {
         let c = &self.core;
         if !c.state.lock().await.members.contains_key(&r.worker_id) {
             return Err(Status::not_found(format!("worker {} is not registered", r.worker_id)));
+        }
+        if !r.nccl_group.is_empty() || !r.nccl_unique_id.is_empty() {
+            // The id first: whoever sees the worker ready finds its group's id already stored.
+            let plan = c.state.lock().await.plans.get(&r.epoch).cloned().unwrap_or_default();
+            expertmesh_cluster::groups::check_report(&plan, &r.worker_id, &r.nccl_group, &r.nccl_unique_id)
+                .map_err(|m| Status::invalid_argument(format!("report_ready: {m}")))?;
+            let key = c.keys.nccl_id(r.epoch, &r.nccl_group);
+            c.store.put(&key, r.nccl_unique_id.to_vec(), None).await.map_err(Status::from)?;
+            let mut st = c.state.lock().await;
+            c.apply(&mut st, &key, Some(&r.nccl_unique_id));
         }
         let key = c.keys.ready(r.epoch, &r.worker_id);
         c.store.put(&key, r.error.clone().into_bytes(), None).await.map_err(Status::from)?;

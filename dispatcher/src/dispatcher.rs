@@ -97,7 +97,12 @@ impl Default for DispatcherConfig {
 impl DispatcherConfig {
     /// The gRPC transport with these settings' message limit and connect timeout.
     pub fn grpc_transport(&self) -> Arc<dyn ExpertTransport> {
-        Arc::new(GrpcTransport::new(self.max_message_bytes, Duration::from_secs(5).min(self.rpc_timeout)))
+        Arc::new(self.grpc())
+    }
+
+    /// The gRPC transport itself (to wrap in a [`crate::transport::RoutedTransport`]).
+    pub fn grpc(&self) -> GrpcTransport {
+        GrpcTransport::new(self.max_message_bytes, Duration::from_secs(5).min(self.rpc_timeout))
     }
 }
 

@@ -3,7 +3,9 @@
 //!
 //! - Placement comes from a route-table watch ([`dispatcher::RouteTableRx`]); whoever holds the
 //!   cluster's committed placement feeds it (the worker node feeds it from the control plane).
-//! - Rows travel over an [`transport::ExpertTransport`] (gRPC: [`transport::GrpcTransport`]).
+//! - Rows travel over an [`transport::ExpertTransport`]: gRPC ([`transport::GrpcTransport`]), or
+//!   rounds of all-to-allv inside a group of GPU workers ([`collective::CollectiveTransport`]
+//!   over NCCL), chosen per destination by [`transport::RoutedTransport`].
 //! - Routing comes from the caller ([`Dispatcher::forward_routed`]), or the dispatcher gates
 //!   by itself from the checkpoint's routers ([`Dispatcher::with_router`], [`Dispatcher::forward`]).
 //!
@@ -12,6 +14,7 @@
 //! layer ([`moe`]: input checks, gate, combine, the in-process layer) and the data plane's errors.
 
 pub mod checkpoint;
+pub mod collective;
 pub mod compute;
 pub mod dispatcher;
 pub mod error;

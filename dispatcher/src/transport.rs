@@ -189,3 +189,65 @@ impl ExpertTransport for GrpcTransport {
         }
     }
 }
+
+/// The dispatcher's transport when its worker is in a collective group: sends to members of a
+/// live group go over the group's link, everything else (other groups, CPU workers, a group
+/// that stopped or is still forming) over gRPC.
+#[derive(Debug)]
+pub struct RoutedTransport {
+    grpc: GrpcTransport,
+    groups: std::sync::RwLock<Vec<Arc<crate::collective::CollectiveTransport>>>,
+}
+
+impl RoutedTransport {
+    pub fn new(grpc: GrpcTransport) -> Self {
+        Self { grpc, groups: std::sync::RwLock::new(Vec::new()) }
+    }
+
+    /// Serve the group's members over its link from now on (newest group first).
+    pub fn add_group(&self, g: Arc<crate::collective::CollectiveTransport>) {
+        if let Ok(mut v) = self.groups.write() {
+            v.insert(0, g);
+        }
+    }
+
+    /// Stop using groups `drop_if` selects (they are left by the caller).
+    pub fn remove_groups(&self, drop_if: impl Fn(&crate::collective::CollectiveTransport) -> bool) {
+        if let Ok(mut v) = self.groups.write() {
+            v.retain(|g| !drop_if(g));
+        }
+    }
+
+    /// The live group that reaches `address`, if any.
+    pub fn group_for(&self, address: &str) -> Option<Arc<crate::collective::CollectiveTransport>> {
+        self.groups.read().ok()?.iter().find(|g| g.serves(address)).cloned()
+    }
+}
+
+#[async_trait::async_trait]
+impl ExpertTransport for RoutedTransport {
+    async fn open(
+        &self,
+        address: &str,
+        header: SendHeader,
+        chunks: mpsc::Receiver<OutChunk>,
+        deadline: Instant,
+        stats: Arc<WireStats>,
+    ) -> Result<AnswerStream> {
+        match self.group_for(address) {
+            Some(g) => g.open(address, header, chunks, deadline, stats).await,
+            None => self.grpc.open(address, header, chunks, deadline, stats).await,
+        }
+    }
+
+    async fn probe(&self, address: &str, limit: Duration) -> Result<()> {
+        match self.group_for(address) {
+            Some(g) => g.probe(address, limit).await,
+            None => self.grpc.probe(address, limit).await,
+        }
+    }
+
+    fn retain(&self, keep: &HashSet<String>) {
+        self.grpc.retain(keep);
+    }
+}

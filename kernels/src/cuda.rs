@@ -330,6 +330,85 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.inner.ordinal
+    }
+
+    /// Bind this backend's context to the calling thread (before raw driver or NCCL calls).
+    pub fn bind(&self) -> Result<()> {
+        self.inner.ctx.bind_to_thread().map_err(drv("binding the CUDA context"))
+    }
+
+    /// A new stream on this device (NCCL gets its own, so a round waiting for its peers never
+    /// holds up the compute stream).
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.inner.ctx.new_stream().map_err(drv("creating a stream"))
+    }
+
+    /// `rows x cols` of `dtype` at byte `offset` of a device buffer, copied into rows of this
+    /// backend.
+    pub fn rows_from(
+        &self,
+        buf: &CudaSlice<u8>,
+        offset: usize,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Box<dyn Rows>> {
+        check_activation_dtype(dtype)?;
+        let s = &self.inner.compute;
+        let mut r = CudaRows::alloc(s, dtype, rows, cols)?;
+        let n = r.len();
+        if offset + n > buf.len() {
+            return Err(KernelError::Shape(format!("bytes {offset}..{} of a {}-byte buffer", offset + n, buf.len())));
+        }
+        if n > 0 {
+            s.memcpy_dtod(&buf.slice(offset..offset + n), &mut r.buf.slice_mut(..n))
+                .map_err(drv("copying rows on the device"))?;
+        }
+        Ok(Box::new(r))
+    }
+
+    /// One device buffer holding `parts` back to back (rows of this backend, or host bytes).
+    pub fn join_parts(&self, parts: Vec<crate::fabric::Part>) -> Result<CudaSlice<u8>> {
+        use crate::fabric::Part;
+        let s = &self.inner.compute;
+        let mut total = 0;
+        for p in &parts {
+            total += match p {
+                Part::Host(b) => b.len(),
+                Part::Rows(r) => self.rows_of(&**r, "joined")?.len(),
+            };
+        }
+        let mut out = s.alloc_zeros::<u8>(total.max(1)).map_err(drv("allocating a joined buffer"))?;
+        let mut off = 0;
+        for p in &parts {
+            match p {
+                Part::Host(b) if !b.is_empty() => {
+                    s.memcpy_htod(&b[..], &mut out.slice_mut(off..off + b.len()))
+                        .map_err(drv("copying bytes to the device"))?;
+                    off += b.len();
+                }
+                Part::Host(_) => {}
+                Part::Rows(r) => {
+                    let r = self.rows_of(&**r, "joined")?;
+                    let n = r.len();
+                    if n > 0 {
+                        r.await_on(s)?;
+                        s.memcpy_dtod(&r.buf.slice(..n), &mut out.slice_mut(off..off + n))
+                            .map_err(drv("copying rows on the device"))?;
+                    }
+                    off += n;
+                }
+            }
+        }
+        s.synchronize().map_err(drv("joining buffers"))?;
+        Ok(out)
+    }
+}
+
 fn dtype_code(d: DType) -> i32 {
     match d {
         DType::F32 => 0,
@@ -697,5 +776,9 @@ impl ExpertBackend for CudaBackend {
 
     fn device(&self) -> (&'static str, u32) {
         ("cuda", self.inner.ordinal as u32)
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }

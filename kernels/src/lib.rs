@@ -23,6 +23,9 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_plan;
+pub mod fabric;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod weights;
 
 pub use bench::{probe, DeviceProbe};
@@ -180,6 +183,8 @@ pub trait ExpertBackend: Send + Sync + std::fmt::Debug {
     fn memory(&self) -> Result<(u64, u64)>;
     /// Device kind and index as a worker reports them: ("cpu", 0), ("cuda", 1).
     fn device(&self) -> (&'static str, u32);
+    /// The concrete backend (a worker joining an NCCL group needs its CUDA backend).
+    fn as_any(&self) -> &dyn Any;
 }
 
 /// Activations are bf16 or f32.

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod corpus;
 pub mod etcd;
+pub mod fake;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ pub mod admission;
 pub mod client;
 pub mod error;
 pub mod limits;
+pub mod links;
 pub mod node;
 pub mod service;
 pub mod synth;

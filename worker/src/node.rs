@@ -25,6 +25,7 @@ use expertmesh_dispatcher::checkpoint::Checkpoint;
 use expertmesh_dispatcher::compute::on_pool;
 use expertmesh_dispatcher::dispatcher::{route_table_channel, Dispatcher, DispatcherConfig, RouteTable, RouteTableTx};
 use expertmesh_dispatcher::moe::{load_experts, Frontend};
+use expertmesh_dispatcher::transport::{ExpertTransport, RoutedTransport};
 
 /// Worker settings (from `expertmesh worker` flags).
 #[derive(Debug, Clone)]
@@ -264,6 +265,7 @@ async fn measure_device(
         name: backend.name(),
         memory_total_bytes: probe.memory_total,
         tflops_measured: tflops.is_none(),
+        nccl: crate::links::capable(&**backend),
     })
 }
 
@@ -302,8 +304,18 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     }
     let store = Arc::new(ExpertStore::new(cfg.worker_id.clone(), ck.spec().clone(), backend.clone()));
     let (table_tx, table_rx) = route_table_channel();
+    // A GPU worker that can join NCCL groups routes per destination: its group's members over
+    // the group's link, everyone else by gRPC.
+    let links = crate::links::capable(&*backend).then(|| {
+        let routed = Arc::new(RoutedTransport::new(cfg.dispatcher.grpc()));
+        Arc::new(crate::links::Links::new(cfg.worker_id.clone(), routed, backend.clone(), store.clone()))
+    });
+    let transport: Arc<dyn ExpertTransport> = match &links {
+        Some(l) => l.transport(),
+        None => cfg.dispatcher.grpc_transport(),
+    };
     let dispatcher = Arc::new(
-        Dispatcher::new(ck.spec().clone(), cfg.dispatcher.grpc_transport(), table_rx, cfg.dispatcher.clone())
+        Dispatcher::new(ck.spec().clone(), transport, table_rx, cfg.dispatcher.clone())
             .with_router(Frontend::new(ck.clone(), backend.clone())),
     );
     let (utx, urx) = tokio::sync::mpsc::unbounded_channel();
@@ -380,8 +392,8 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     // worker as draining (and gives it nothing) lets it leave.
     let drained = CancellationToken::new();
     let follower = {
-        let (c, store, ck, backend, stop) =
-            (control.clone(), store.clone(), ck.clone(), backend.clone(), tasks_stop.clone());
+        let (c, store, ck, backend, stop, links) =
+            (control.clone(), store.clone(), ck.clone(), backend.clone(), tasks_stop.clone(), links.clone());
         let id = cfg.worker_id.clone();
         let drained = drained.clone();
         tokio::spawn(async move {
@@ -408,7 +420,11 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 }
                 let rc = rc.clone();
                 let drained = drained.clone();
+                let links = links.clone();
                 async move {
+                    if let (true, Some(l)) = (committed, &links) {
+                        l.on_committed(&plan).await;
+                    }
                     if leaving {
                         // Keep the experts: dispatchers that routed by the last epoch finish here.
                         info!(worker = %id, epoch = plan.epoch, "drained: the committed placement moved every expert away");
@@ -452,7 +468,11 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                             format!("cannot load experts for placement epoch {}: {e}", plan.epoch)
                         }
                     };
-                    if let Err(e) = rc.report_ready(&id, plan.epoch, error).await {
+                    let nccl = match (&links, error.is_empty()) {
+                        (Some(l), true) => l.id_to_report(&plan).await,
+                        _ => None,
+                    };
+                    if let Err(e) = rc.report_ready(&id, plan.epoch, error, nccl).await {
                         warn!(worker = %id, epoch = plan.epoch, error = %e, "cannot report ready; the next placement event retries");
                     }
                 }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use expertmesh_core::dtype::DType;
 use expertmesh_core::ModelSpec;
-use expertmesh_kernels::{ExpertBackend, Groups, HostRows, LayerExperts};
+use expertmesh_dispatcher::collective::ComputeSink;
+use expertmesh_dispatcher::transport::SendHeader;
+use expertmesh_kernels::{ExpertBackend, Groups, HostRows, LayerExperts, Rows};
 use expertmesh_proto::v1::expert_service_server::ExpertService;
 use expertmesh_proto::v1::moe_layer_server::MoeLayer;
 use expertmesh_proto::v1::{
@@ -148,21 +150,38 @@ impl ExpertStore {
     }
 
     /// Compute one chunk that [`check_batch`] accepted; answers the same rows in the same order.
+    /// The resident layer holding every one of `experts`, or the "not held" answer with this
+    /// worker's placement epoch.
+    fn holding(&self, layer: u32, experts: &[u32], request_epoch: u64) -> Result<Arc<dyn LayerExperts>> {
+        let l = self.layer(layer);
+        let missing = experts.iter().find(|&&e| !l.as_ref().is_some_and(|l| l.holds(e)));
+        match (l, missing) {
+            (Some(l), None) => Ok(l),
+            (_, missing) => {
+                let epoch = self.epoch();
+                let e = missing.copied().unwrap_or_default();
+                Err(WorkerError::NotHeld {
+                    epoch,
+                    detail: format!(
+                        "worker {} does not hold layer {layer} expert {e} (its placement epoch is {epoch}; the request used epoch {request_epoch})",
+                        self.worker_id
+                    ),
+                })
+            }
+        }
+    }
+
+    fn count(&self, layer: u32, experts: &[u32], rows: &[u32]) {
+        for (&e, &r) in experts.iter().zip(rows) {
+            if let Some(c) = self.counters.get(layer as usize * self.spec.n_routed + e as usize) {
+                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(r as u64)));
+            }
+        }
+    }
+
     pub async fn compute_chunk(&self, b: ExpertBatch, shape: BatchShape) -> Result<ExpertResult> {
         let s = &self.spec;
-        let layer = self.layer(b.layer);
-        let missing = b.experts.iter().find(|&&e| !layer.as_ref().is_some_and(|l| l.holds(e)));
-        let (Some(layer), None) = (layer, missing) else {
-            let epoch = self.epoch();
-            let e = missing.copied().unwrap_or_default();
-            return Err(WorkerError::NotHeld {
-                epoch,
-                detail: format!(
-                    "worker {} does not hold layer {} expert {e} (its placement epoch is {epoch}; the request used epoch {})",
-                    self.worker_id, b.layer, b.epoch
-                ),
-            });
-        };
+        let layer = self.holding(b.layer, &b.experts, b.epoch)?;
         let (h, dtype, rows) = (s.hidden, shape.dtype, shape.rows);
         check_finite_bytes(dtype, &b.data, h, "ExpertBatch.data")?;
         let groups = Groups::from_counts(b.experts.iter().zip(&b.rows).map(|(&e, &r)| (e, r as usize)));
@@ -186,11 +205,36 @@ impl ExpertStore {
             back_us = (started.elapsed() - computed).as_micros() as u64,
             "chunk computed"
         );
-        for (&e, &r) in b.experts.iter().zip(&b.rows) {
-            let c = &self.counters[b.layer as usize * s.n_routed + e as usize];
-            let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(r as u64)));
-        }
+        self.count(b.layer, &b.experts, &b.rows);
         Ok(ExpertResult { chunk: b.chunk, dtype: dtype_to_proto(dtype), rows: rows as u32, data: out })
+    }
+}
+
+/// The experts of a worker as its NCCL group computes with them: rows arrive on the device
+/// and their answers stay there.
+impl ComputeSink for ExpertStore {
+    fn compute(&self, h: &SendHeader, experts: &[u32], rows: &[u32], x: &dyn Rows) -> Result<Box<dyn Rows>> {
+        let s = &self.spec;
+        if h.hidden != s.hidden || h.layer as usize >= s.num_layers || experts.len() != rows.len() {
+            return Err(WorkerError::InvalidInput(format!(
+                "a group chunk of layer {} with hidden {} and {} groups for {} row counts; the model has {} layers of hidden {}",
+                h.layer,
+                h.hidden,
+                experts.len(),
+                rows.len(),
+                s.num_layers,
+                s.hidden
+            )));
+        }
+        if let Some(&e) = experts.iter().find(|&&e| e as usize >= s.n_routed) {
+            return Err(WorkerError::InvalidInput(format!("expert {e}; the model has {}", s.n_routed)));
+        }
+        let layer = self.holding(h.layer, experts, h.epoch)?;
+        let groups = Groups::from_counts(experts.iter().zip(rows).map(|(&e, &r)| (e, r as usize)));
+        let mut y = self.backend.alloc(h.dtype, x.rows(), x.cols())?;
+        layer.forward(x, &groups, &mut *y)?;
+        self.count(h.layer, experts, rows);
+        Ok(y)
     }
 }
 

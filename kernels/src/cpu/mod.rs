@@ -384,6 +384,10 @@ impl ExpertBackend for CpuBackend {
     fn device(&self) -> (&'static str, u32) {
         ("cpu", 0)
     }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// (available, total) bytes of host memory, from `/proc/meminfo`.
