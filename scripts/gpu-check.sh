@@ -16,7 +16,10 @@
 #      loop and torch._grouped_mm (benches/gpu_baselines.py)
 #   5. distributed layers checked against the float64 reference: a GPU worker alone, and a
 #      cluster of two CPU workers and a GPU worker; a CPU worker alone for the comparison
-#   6. one table (benches/gpu_table.py)
+#   6. NCCL at world size 1: calls sent to the GPU worker's own MoeLayer service, whose
+#      dispatcher reaches its experts through its NCCL group of one (checked against the
+#      reference, and the worker's log must say it joined the group)
+#   7. one table (benches/gpu_table.py)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-run}" in
@@ -63,6 +66,13 @@ step baselines python3 benches/gpu_baselines.py
 step bench_cuda "$bin" bench --workers cuda:1 --batches 1,8,64,256,1024 --iters 3 --check
 step bench_mixed "$bin" bench --workers cpu:2,cuda:1 --batches 8,256 --iters 2 --check
 step bench_cpu "$bin" bench --workers cpu:1 --batches 1,8,64,256,1024 --iters 3
+step nccl1 "$bin" bench --workers cuda:1 --batches 1,8,64,256 --iters 3 --check --via-worker --log-dir "$out/nccl1-logs"
+if grep -h "NCCL group joined" "$out"/nccl1-logs/worker-*.log; then
+  echo "nccl1: the worker joined its group of one"
+else
+  echo "FAILED: nccl1: no worker joined an NCCL group (logs in $out/nccl1-logs)"
+  status=1
+fi
 echo "== table"
 python3 benches/gpu_table.py "$out/ours.json" "$out/baselines.json" "$out/bench_cuda.json" "$out/bench_cpu.json" |
   tee "$out/table.txt"

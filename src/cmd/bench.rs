@@ -49,6 +49,11 @@ pub(crate) struct BenchArgs {
     /// f32); fails when one is off. The reference decodes the layer to f64 (8 bytes a weight).
     #[arg(long)]
     pub(crate) check: bool,
+    /// Send the distributed calls to the first worker's MoeLayer service, whose own dispatcher
+    /// routes them (over its NCCL group where it has one), instead of dispatching from this
+    /// process.
+    #[arg(long)]
+    pub(crate) via_worker: bool,
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
     /// Inject a fault under steady traffic instead (etcd, 2 coordinators, workers registered in
@@ -202,13 +207,21 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
     let opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
-    let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
+    let (cluster, dispatcher) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
+    let d = if a.via_worker {
+        Distributed::Entry(Arc::new(EntryClient::new(&cluster.workers[..1], &spec)?))
+    } else {
+        Distributed::Here(dispatcher.clone())
+    };
     eprintln!("timing the in-process and the distributed layer, alternating");
     let reference = if a.check { Some(Reference::load(&model, &spec, layer)?) } else { None };
     let mut bad = Vec::new();
     let mut results = Vec::new();
     for &b in &a.batches {
-        let before = (d.stats().bytes_sent.load(Ordering::Relaxed), d.stats().bytes_received.load(Ordering::Relaxed));
+        let before = (
+            dispatcher.stats().bytes_sent.load(Ordering::Relaxed),
+            dispatcher.stats().bytes_received.load(Ordering::Relaxed),
+        );
         let iters = iters_for(a.iters, b);
         let input = |i: u64| {
             let (x, ids) = random_batch(&spec, b, 7 + i);
@@ -235,7 +248,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         let checked = if a.check && b <= 256 {
             let inp = input(0);
             let want = reference.as_ref().map(|r| r.forward(&spec, &inp)).transpose()?.unwrap_or_default();
-            let dist = rel_l2_f32(&d.forward(input(0), wire).await?.output, &want);
+            let dist = rel_l2_f32(&d.forward(input(0), wire).await?, &want);
             let inp = local.forward(input(0)).await?.output;
             let ip = rel_l2_f32(&inp, &want);
             let tol = if wire == DType::F32 { 1e-5 } else { 1e-2 };
@@ -249,8 +262,8 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         } else {
             serde_json::Value::Null
         };
-        let sent = d.stats().bytes_sent.load(Ordering::Relaxed) - before.0;
-        let recv = d.stats().bytes_received.load(Ordering::Relaxed) - before.1;
+        let sent = dispatcher.stats().bytes_sent.load(Ordering::Relaxed) - before.0;
+        let recv = dispatcher.stats().bytes_received.load(Ordering::Relaxed) - before.1;
         let calls = (iters + 1) as u64;
         let min = (b * spec.top_k * spec.hidden * wire.size() * 2) as f64;
         let wire_per_batch = (sent + recv) as f64 / calls as f64;
@@ -327,4 +340,48 @@ impl Reference {
 fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
     let a: Vec<f64> = a.iter().map(|v| *v as f64).collect();
     expertmesh_core::reference::rel_l2(&a, b)
+}
+
+/// Where the bench's distributed calls go.
+#[derive(Clone)]
+enum Distributed {
+    /// A dispatcher in this process.
+    Here(Arc<expertmesh_dispatcher::Dispatcher>),
+    /// The first worker's MoeLayer service (`--via-worker`).
+    Entry(Arc<EntryClient>),
+}
+
+impl Distributed {
+    async fn forward(&self, inp: MoeInput, wire: DType) -> Result<Vec<f32>> {
+        match self {
+            Distributed::Here(d) => Ok(d.forward(inp, wire).await?.output),
+            Distributed::Entry(c) => c.forward(inp, wire).await,
+        }
+    }
+}
+
+struct EntryClient {
+    client: expertmesh_worker::client::MoeClient,
+    hidden: usize,
+}
+
+impl EntryClient {
+    fn new(entries: &[String], spec: &expertmesh_core::ModelSpec) -> Result<Self> {
+        let client = expertmesh_worker::client::MoeClient::new(entries, std::time::Duration::from_secs(60), 1 << 30)
+            .map_err(|e| anyhow!("entry worker: {e}"))?;
+        Ok(Self { client, hidden: spec.hidden })
+    }
+
+    async fn forward(&self, inp: MoeInput, wire: DType) -> Result<Vec<f32>> {
+        use expertmesh_dispatcher::wire::{dtype_to_proto, f32_tensor, i64_tensor, tensor_to_f32};
+        let req = expertmesh_proto::v1::ForwardRequest {
+            layer: inp.layer as u32,
+            hidden_states: Some(f32_tensor(&[inp.tokens, self.hidden], &inp.hidden_states)),
+            input_ids: inp.input_ids.as_ref().map(|v| i64_tensor(&[inp.tokens], v)),
+            wire_dtype: dtype_to_proto(wire),
+        };
+        let r = self.client.forward(req).await.map_err(|s| anyhow!("{:?}: {}", s.code(), s.message()))?;
+        let (out, _) = tensor_to_f32(r.output.as_ref().ok_or_else(|| anyhow!("answer without output"))?, "output")?;
+        Ok(out)
+    }
 }

@@ -42,6 +42,8 @@ pub struct Links {
     backend: Arc<dyn ExpertBackend>,
     sink: Arc<dyn ComputeSink>,
     live: tokio::sync::Mutex<Option<Live>>,
+    /// The newest committed epoch handled (commits are handled in their own tasks).
+    handled: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Links {
@@ -72,7 +74,14 @@ impl Links {
         backend: Arc<dyn ExpertBackend>,
         sink: Arc<dyn ComputeSink>,
     ) -> Self {
-        Self { worker_id, routed, backend, sink, live: tokio::sync::Mutex::new(None) }
+        Self {
+            worker_id,
+            routed,
+            backend,
+            sink,
+            live: tokio::sync::Mutex::new(None),
+            handled: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     /// The transport this worker's dispatcher sends with.
@@ -111,6 +120,9 @@ impl Links {
                 .then(|| (g.name.clone(), g.members.clone(), addresses, g.unique_id.to_vec(), rank))
         });
         let mut live = self.live.lock().await;
+        if self.handled.fetch_max(plan.epoch, std::sync::atomic::Ordering::AcqRel) >= plan.epoch {
+            return;
+        }
         if let (Some(l), Some((_, members, Some(addresses), id, _))) = (live.as_ref(), wanted.as_ref()) {
             if &l.members == members && &l.addresses == addresses && &l.id == id && l.transport.stopped().is_none() {
                 return;

@@ -423,7 +423,9 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 let links = links.clone();
                 async move {
                     if let (true, Some(l)) = (committed, &links) {
-                        l.on_committed(&plan).await;
+                        // Joining waits for every member: never on the placement path.
+                        let (l, p) = (l.clone(), plan.clone());
+                        tokio::spawn(async move { l.on_committed(&p).await });
                     }
                     if leaving {
                         // Keep the experts: dispatchers that routed by the last epoch finish here.
