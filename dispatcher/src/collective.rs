@@ -84,6 +84,8 @@ struct Shared {
     dead: Mutex<Option<String>>,
     /// The placement epoch that replaced the group, once it ended that way.
     replaced_by: AtomicU64,
+    /// The group ended because a member left (not because a round failed).
+    left: std::sync::atomic::AtomicBool,
     rounds: AtomicU64,
     busy_rounds: AtomicU64,
     /// When the round in progress started (None between rounds).
@@ -99,6 +101,7 @@ impl Shared {
     fn refusal(&self) -> Option<Error> {
         let why = self.dead()?;
         Some(match self.replaced_by.load(Ordering::Relaxed) {
+            0 if self.left.load(Ordering::Relaxed) => Error::LinkClosed(format!("group {}: {why}", self.name)),
             0 => Error::Unavailable(format!("group {} stopped: {why}", self.name)),
             epoch => {
                 Error::NotHeld { epoch, detail: format!("group {} was replaced by placement epoch {epoch}", self.name) }
@@ -154,6 +157,7 @@ impl CollectiveTransport {
             in_flight: AtomicU64::new(0),
             dead: Mutex::new(None),
             replaced_by: AtomicU64::new(0),
+            left: std::sync::atomic::AtomicBool::new(false),
             rounds: AtomicU64::new(0),
             busy_rounds: AtomicU64::new(0),
             round_started: Mutex::new(None),
@@ -477,6 +481,7 @@ fn engine<F: Fabric>(mut f: F, sh: Arc<Shared>, sink: Arc<dyn ComputeSink>) {
     tracing::info!(group = %sh.name, reason = %why, "group link stopped");
     let queued: Vec<Vec<Pending>> = {
         if let Ending::Left(e) = why {
+            sh.left.store(true, Ordering::Relaxed);
             if e != u64::MAX {
                 sh.replaced_by.store(e, Ordering::Relaxed);
             }
@@ -518,7 +523,11 @@ fn fail_all(work: Vec<Vec<Pending>>, name: &str, why: &Ending) {
                     detail: format!("group {name} was replaced by placement epoch {epoch}"),
                 }
             }
-            _ => {
+            Ending::Left(_) => {
+                p.stats.cancelled_sends.fetch_add(1, Ordering::Relaxed);
+                Error::LinkClosed(format!("group {name}: {why}"))
+            }
+            Ending::Failed(_) => {
                 p.stats.failed_sends.fetch_add(1, Ordering::Relaxed);
                 Error::Unavailable(format!("group {name}: {why}"))
             }

@@ -810,9 +810,10 @@ impl<'a> Flight<'a> {
                 self.last_error = Some(err.to_string());
                 self.requeue_uncovered(&s.pairs);
             }
-            Error::ResourceExhausted(_) | Error::DeadlineExceeded(_) => {
-                // Alive but busy: another live replica takes the rows now; without one, they
-                // go back to the same worker after a short pause.
+            Error::ResourceExhausted(_) | Error::DeadlineExceeded(_) | Error::LinkClosed(_) => {
+                // Alive but busy (or its link closed): another live replica takes the rows now;
+                // without one, they go back to the same worker after a short pause (by gRPC
+                // once a closed link is gone from the transport).
                 warn!(request = self.rid, worker = %s.worker_id, error = %err, "destination busy; will retry its rows on another replica");
                 self.last_error = Some(err.to_string());
                 self.bad.insert(s.address.clone());

@@ -26,6 +26,11 @@ pub enum Error {
     /// An admission limit (in-flight bytes, streams per peer) is reached. RESOURCE_EXHAUSTED.
     #[error("resource exhausted: {0}")]
     ResourceExhausted(String),
+    /// The path to a live destination closed (its NCCL group ended because a member left):
+    /// send again, by another path. UNAVAILABLE to an outside caller; a dispatcher retries the
+    /// rows without holding it against the destination.
+    #[error("link closed: {0}")]
+    LinkClosed(String),
     /// The request's deadline passed before it was done. DEADLINE_EXCEEDED.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
@@ -82,7 +87,7 @@ impl From<Error> for tonic::Status {
                 }
                 s
             }
-            Error::Unavailable(_) => Status::unavailable(e.to_string()),
+            Error::Unavailable(_) | Error::LinkClosed(_) => Status::unavailable(e.to_string()),
             Error::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
             Error::DeadlineExceeded(_) => Status::deadline_exceeded(e.to_string()),
             Error::Rpc(s) => Status::new(s.code(), s.message().to_string()),

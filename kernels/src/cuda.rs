@@ -562,6 +562,15 @@ impl CudaLayer {
     }
 }
 
+impl crate::ResidentLayer<Arc<DevExpert>> for CudaLayer {
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.layer, self.hidden, self.ffn)
+    }
+    fn expert(&self, id: u32) -> Option<&Arc<DevExpert>> {
+        self.experts.get(&id)
+    }
+}
+
 impl LayerExperts for CudaLayer {
     fn layer(&self) -> usize {
         self.layer
@@ -676,23 +685,7 @@ impl ExpertBackend for CudaBackend {
         prev: Option<(&Arc<dyn LayerExperts>, &[u32])>,
     ) -> Result<Arc<dyn LayerExperts>> {
         w.check()?;
-        let mut experts = BTreeMap::new();
-        if let Some((p, keep)) = prev {
-            let p = p
-                .as_any()
-                .downcast_ref::<CudaLayer>()
-                .ok_or_else(|| KernelError::Shape("the previous layer is resident on another backend".into()))?;
-            if (p.layer, p.hidden, p.ffn) != (w.layer, w.hidden, w.ffn) {
-                return Err(KernelError::Shape(format!(
-                    "cannot extend layer {} (hidden {}, ffn {}) with layer {} (hidden {}, ffn {})",
-                    p.layer, p.hidden, p.ffn, w.layer, w.hidden, w.ffn
-                )));
-            }
-            for &e in keep {
-                let x = p.experts.get(&e).ok_or(KernelError::NotResident { layer: p.layer, expert: e })?;
-                experts.insert(e, x.clone());
-            }
-        }
+        let mut experts = crate::kept_experts::<CudaLayer, Arc<DevExpert>>(prev, &w)?;
         let s = &self.inner.copy;
         for e in &w.experts {
             let d = DevExpert {

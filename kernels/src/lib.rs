@@ -187,6 +187,39 @@ pub trait ExpertBackend: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> &dyn Any;
 }
 
+/// A backend's own resident layer: what `load_layer` needs to keep experts of a previous one.
+pub(crate) trait ResidentLayer<E: Clone>: 'static {
+    /// (layer, hidden, ffn).
+    fn shape(&self) -> (usize, usize, usize);
+    fn expert(&self, id: u32) -> Option<&E>;
+}
+
+/// The experts `keep` of `prev` (a layer resident on the same backend, of `w`'s shape), for
+/// `load_layer` to hold again without loading them.
+pub(crate) fn kept_experts<L: ResidentLayer<E>, E: Clone>(
+    prev: Option<(&Arc<dyn LayerExperts>, &[u32])>,
+    w: &LayerWeights<'_>,
+) -> Result<std::collections::BTreeMap<u32, E>> {
+    let mut out = std::collections::BTreeMap::new();
+    let Some((p, keep)) = prev else { return Ok(out) };
+    let p = p
+        .as_any()
+        .downcast_ref::<L>()
+        .ok_or_else(|| KernelError::Shape("the previous layer is resident on another backend".into()))?;
+    let (layer, hidden, ffn) = p.shape();
+    if (layer, hidden, ffn) != (w.layer, w.hidden, w.ffn) {
+        return Err(KernelError::Shape(format!(
+            "cannot extend layer {layer} (hidden {hidden}, ffn {ffn}) with layer {} (hidden {}, ffn {})",
+            w.layer, w.hidden, w.ffn
+        )));
+    }
+    for &e in keep {
+        let x = p.expert(e).ok_or(KernelError::NotResident { layer, expert: e })?;
+        out.insert(e, x.clone());
+    }
+    Ok(out)
+}
+
 /// Activations are bf16 or f32.
 pub fn check_activation_dtype(dtype: DType) -> Result<()> {
     match dtype {

@@ -539,6 +539,11 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         warn!(worker = %id, "in-flight requests did not finish within 10 s");
     }
     tasks_stop.cancel();
+    if let Some(l) = &links {
+        // Leaving ends the group for its other members after this round: their queued sends
+        // fail over to gRPC at once instead of waiting out the round watchdog.
+        let _ = tokio::time::timeout(Duration::from_secs(5), l.shutdown()).await;
+    }
     let _ = tokio::task::spawn_blocking(move || keeper.join()).await;
     if !matches!(exit, Exit::Quit) {
         let l = lease.load(Ordering::Acquire);

@@ -288,6 +288,15 @@ impl LayerExperts for CpuLayer {
     }
 }
 
+impl crate::ResidentLayer<Arc<CpuExpert>> for CpuLayer {
+    fn shape(&self) -> (usize, usize, usize) {
+        (self.layer, self.hidden, self.ffn)
+    }
+    fn expert(&self, id: u32) -> Option<&Arc<CpuExpert>> {
+        self.experts.get(&id)
+    }
+}
+
 impl CpuLayer {
     fn clone_shape(&self) -> CpuLayer {
         CpuLayer {
@@ -312,23 +321,7 @@ impl ExpertBackend for CpuBackend {
         prev: Option<(&Arc<dyn LayerExperts>, &[u32])>,
     ) -> Result<Arc<dyn LayerExperts>> {
         w.check()?;
-        let mut experts = BTreeMap::new();
-        if let Some((p, keep)) = prev {
-            let p = p
-                .as_any()
-                .downcast_ref::<CpuLayer>()
-                .ok_or_else(|| KernelError::Shape("the previous layer is resident on another backend".into()))?;
-            if (p.layer, p.hidden, p.ffn) != (w.layer, w.hidden, w.ffn) {
-                return Err(KernelError::Shape(format!(
-                    "cannot extend layer {} (hidden {}, ffn {}) with layer {} (hidden {}, ffn {})",
-                    p.layer, p.hidden, p.ffn, w.layer, w.hidden, w.ffn
-                )));
-            }
-            for &e in keep {
-                let x = p.experts.get(&e).ok_or(KernelError::NotResident { layer: p.layer, expert: e })?;
-                experts.insert(e, x.clone());
-            }
-        }
+        let mut experts = crate::kept_experts::<CpuLayer, Arc<CpuExpert>>(prev, &w)?;
         let packed: Vec<(u32, Arc<CpuExpert>)> =
             w.experts.par_iter().map(|e| (e.expert, Arc::new(CpuExpert::pack(e)))).collect();
         experts.extend(packed);
