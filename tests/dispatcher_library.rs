@@ -132,3 +132,83 @@ async fn an_engine_routes_its_own_tokens_through_the_dispatcher_library() {
     let out = d.forward_routed(inp(), routing, DType::F32, None).await.unwrap();
     assert!(rel_l2_f32(&out.output, &want) < 1e-5);
 }
+
+/// The same library over a collective group instead of gRPC: two members linked in this
+/// process (the NCCL fabric's stand-in), each computing with a real expert store holding half
+/// the experts; the dispatcher at rank 0 reaches both (itself included) through the group's
+/// rounds, and the answers match the float64 reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_over_a_collective_group_matches_the_reference() {
+    use expertmesh_dispatcher::collective::{CollectiveTransport, GroupInfo};
+    use expertmesh_dispatcher::transport::RoutedTransport;
+    use expertmesh_dispatcher::Checkpoint;
+    use expertmesh_kernels::cpu::CpuBackend;
+    use expertmesh_kernels::fabric::LoopbackFabric;
+    use expertmesh_kernels::ExpertBackend;
+    use expertmesh_proto::v1::{LayerPlacement, PlacementPlan, Replicas, WorkerInfo};
+    use expertmesh_worker::service::ExpertStore;
+
+    let (dir, spec) = gen_model("tiny-mixtral", DType::BF16, PresetOverrides::default(), 92);
+    let layer = spec.moe_layers()[0];
+    let ck = Checkpoint::open(dir.path()).unwrap();
+    let backend: Arc<dyn ExpertBackend> = Arc::new(CpuBackend::new());
+    let half = spec.n_routed as u32 / 2;
+    let addrs = ["10.1.0.1:7500".to_string(), "10.1.0.2:7500".to_string()];
+    let mut stores = Vec::new();
+    for (i, experts) in [(0..half).collect::<Vec<_>>(), (half..spec.n_routed as u32).collect()].iter().enumerate() {
+        let store = Arc::new(ExpertStore::new(format!("g{i}"), spec.clone(), backend.clone()));
+        let l = expertmesh_dispatcher::moe::load_experts(&ck, &*backend, layer, experts, None, &[]).unwrap();
+        store.insert(vec![l]);
+        store.set_epoch(1);
+        stores.push(store);
+    }
+    let group = GroupInfo { name: "box".into(), epoch: 1, members: addrs.to_vec() };
+    let links: Vec<Arc<CollectiveTransport>> = LoopbackFabric::group(2, backend.clone())
+        .into_iter()
+        .zip(&stores)
+        .map(|(f, s)| {
+            Arc::new(CollectiveTransport::start(group.clone(), f, s.clone(), Duration::from_secs(20)).unwrap())
+        })
+        .collect();
+    let cfg = DispatcherConfig { rpc_timeout: Duration::from_secs(5), ..Default::default() };
+    let routed = Arc::new(RoutedTransport::new(cfg.grpc()));
+    routed.add_group(links[0].clone());
+    let plan = |epoch: u64| PlacementPlan {
+        epoch,
+        workers: addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| WorkerInfo {
+                worker_id: format!("g{i}"),
+                address: a.clone(),
+                node: "box".into(),
+                devices: vec![],
+            })
+            .collect(),
+        layers: vec![LayerPlacement {
+            layer: layer as u32,
+            experts: (0..spec.n_routed as u32).map(|e| Replicas { workers: vec![u32::from(e >= half)] }).collect(),
+        }],
+        ..Default::default()
+    };
+    let (tx, rx) = route_table_channel();
+    tx.send(Some(Arc::new(RouteTable::from_plan(&plan(1))))).unwrap();
+    let d = Dispatcher::new(spec.clone(), routed.clone(), rx, cfg);
+    for (tokens, seed) in [(1, 1), (7, 2), (64, 3)] {
+        let (x, _) = random_input(&spec, tokens, 500 + seed);
+        let routing = engine_routing(&spec, tokens, seed);
+        let want = routed_reference(dir.path(), &spec, layer, &x, &routing);
+        for (wire, tol) in [(DType::BF16, 1e-2), (DType::F32, 1e-5)] {
+            let inp = MoeInput { layer, tokens, hidden_states: x.clone(), input_ids: None };
+            let out = d.forward_routed(inp, routing.clone(), wire, None).await.unwrap();
+            let err = rel_l2_f32(&out.output, &want);
+            assert!(err < tol, "{tokens} tokens, {} wire: rel L2 {err} against the f64 reference", wire.name());
+        }
+    }
+    let (_, busy) = links[0].rounds();
+    assert!(busy >= 6, "every call went through the group's rounds ({busy} busy rounds)");
+    assert_eq!(links[1].in_flight(), 0);
+    for l in &links {
+        l.shutdown();
+    }
+}
