@@ -433,6 +433,9 @@ fn backoff(idle: u32) -> Duration {
 fn engine<F: Fabric>(mut f: F, sh: Arc<Shared>, sink: Arc<dyn ComputeSink>) {
     let n = f.size();
     let mut idle = 0u32;
+    // The round that failed: answered once the group is marked stopped, so a sender that sees
+    // the failure also sees `stopped()`.
+    let mut failed_round: Vec<Vec<Pending>> = Vec::new();
     let why = loop {
         let mut work: Vec<Vec<Pending>> = (0..n).map(|_| Vec::new()).collect();
         {
@@ -456,8 +459,7 @@ fn engine<F: Fabric>(mut f: F, sh: Arc<Shared>, sink: Arc<dyn ComputeSink>) {
         sh.rounds.fetch_add(1, Ordering::Relaxed);
         match r {
             Err(e) => {
-                fail_all(work, &sh.name, &Ending::Failed(format!("a round failed: {e}")));
-                sh.in_flight.fetch_sub(taken, Ordering::Relaxed);
+                failed_round = work;
                 break Ending::Failed(format!("a round failed: {e}"));
             }
             Ok(Round { busy, leave_epoch }) => {
@@ -491,8 +493,10 @@ fn engine<F: Fabric>(mut f: F, sh: Arc<Shared>, sink: Arc<dyn ComputeSink>) {
         let mut q = sh.queues.lock().unwrap_or_else(|p| p.into_inner());
         q.iter_mut().map(|d| d.drain(..).collect()).collect()
     };
-    let n: u64 = queued.iter().map(|w| w.len() as u64).sum();
-    fail_all(queued, &sh.name, &why);
+    let mut all = failed_round;
+    all.extend(queued);
+    let n: u64 = all.iter().map(|w| w.len() as u64).sum();
+    fail_all(all, &sh.name, &why);
     sh.in_flight.fetch_sub(n, Ordering::Relaxed);
 }
 

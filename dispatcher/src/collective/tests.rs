@@ -226,7 +226,7 @@ async fn an_idle_group_backs_off() {
     // Without back-off two ranks in one process turn thousands of rounds in 300 ms; with it,
     // at most one every 500 us once idle.
     assert_eq!(busy, 0);
-    assert!(rounds > 10 && rounds < 1500, "{rounds} idle rounds in 300 ms");
+    assert!(rounds > 3 && rounds < 1500, "{rounds} idle rounds in 300 ms");
     for t in &ts {
         t.shutdown();
     }
