@@ -182,29 +182,9 @@ pub fn ffn_rate(
     min_secs: f64,
 ) -> Result<FfnRate> {
     let layer = synthetic_layer(backend, hidden, ffn, experts, dtype, 17)?;
-    let total = experts * rows;
-    let xb = random_rows(total * hidden, act, 18)?;
-    let call = || time_forward(backend, &*layer, &xb, rows, act);
-    call()?;
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 3 || start.elapsed().as_secs_f64() < min_secs {
-        times.push(call()?);
-    }
-    times.sort_by(f64::total_cmp);
-    let seconds = times[times.len() / 2];
-    let flops = 6.0 * (total * hidden * ffn) as f64;
-    Ok(FfnRate {
-        weights: dtype.name().into(),
-        activations: act.name().into(),
-        hidden,
-        ffn,
-        experts,
-        rows_per_expert: rows,
-        seconds,
-        gflops: flops / seconds / 1e9,
-        calls: times.len(),
-    })
+    let mut r = layer_rate(backend, &*layer, ffn, rows, act, min_secs)?;
+    r.weights = dtype.name().into();
+    Ok(r)
 }
 
 /// What a worker measures about its device at start: placement weights devices by it.
