@@ -27,6 +27,38 @@ pub fn plan_groups(workers: &[WorkerInfo]) -> Vec<NcclGroup> {
         .collect()
 }
 
+/// The throughput placement weights `w` by. A measured device counts as the median of the
+/// measurements of the same device (kind and name) on the same node: identical hardware
+/// measures the same, and workers that start together on one machine probe while sharing it,
+/// so one noisy probe must not move experts. A figure an operator set is used as set.
+pub fn pooled_tflops(all: &[WorkerInfo], w: &WorkerInfo) -> f64 {
+    w.devices
+        .iter()
+        .map(|d| {
+            if !d.tflops_measured {
+                return d.tflops;
+            }
+            let mut same: Vec<f64> = all
+                .iter()
+                .filter(|o| o.node == w.node)
+                .flat_map(|o| &o.devices)
+                .filter(|o| o.tflops_measured && o.kind == d.kind && model(&o.name) == model(&d.name))
+                .map(|o| o.tflops)
+                .collect();
+            same.sort_by(f64::total_cmp);
+            same.get(same.len() / 2).copied().unwrap_or(d.tflops)
+        })
+        .sum()
+}
+
+/// The hardware a backend's name describes, without the device index or what the backend
+/// measured: `cuda:1 (NVIDIA H100, sm_90, 80 GiB)` -> `NVIDIA H100, sm_90, 80 GiB`,
+/// `cpu (avx512, 2 threads; f32 FMA 176 GFLOP/s ...)` -> `avx512, 2 threads`.
+fn model(name: &str) -> &str {
+    let inner = name.split_once('(').map_or(name, |(_, r)| r);
+    inner.split([';', ')']).next().unwrap_or(inner).trim()
+}
+
 /// The group of `plan` whose rank 0 is `worker`, if any.
 pub fn led_by<'a>(plan: &'a PlacementPlan, worker: &str) -> Option<&'a NcclGroup> {
     plan.nccl_groups.iter().find(|g| g.members.first().is_some_and(|m| m == worker))
@@ -69,6 +101,34 @@ mod tests {
             node: node.into(),
             devices: vec![DeviceInfo { kind: kind.into(), nccl, ..Default::default() }],
         }
+    }
+
+    #[test]
+    fn measured_twins_on_a_node_count_as_their_median() {
+        let m = |id: &str, node: &str, name: &str, tf: f64, measured: bool| WorkerInfo {
+            worker_id: id.into(),
+            node: node.into(),
+            devices: vec![DeviceInfo {
+                kind: "cpu".into(),
+                name: name.into(),
+                tflops: tf,
+                tflops_measured: measured,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let ws = [
+            m("a", "n1", "cpu (avx512, 2 threads; f32 FMA 176 GFLOP/s)", 0.1, true),
+            m("b", "n1", "cpu (avx512, 2 threads; f32 FMA 105 GFLOP/s)", 0.3, true),
+            m("c", "n1", "cpu (avx512, 2 threads; f32 FMA 130 GFLOP/s)", 0.2, true),
+            m("d", "n1", "cpu (avx512, 1 threads; f32 FMA 176 GFLOP/s)", 0.9, true),
+            m("e", "n2", "cpu (avx512, 2 threads; f32 FMA 176 GFLOP/s)", 0.5, true),
+            m("f", "n1", "cpu (avx512, 2 threads; f32 FMA 176 GFLOP/s)", 4.0, false),
+        ];
+        let got: Vec<f64> = ws.iter().map(|w| pooled_tflops(&ws, w)).collect();
+        assert_eq!(got, [0.2, 0.2, 0.2, 0.9, 0.5, 4.0]);
+        assert_eq!(model("cuda:1 (NVIDIA H100 80GB HBM3, sm_90, 80 GiB)"), "NVIDIA H100 80GB HBM3, sm_90, 80 GiB");
+        assert_eq!(model("cuda:0 (NVIDIA H100 80GB HBM3, sm_90, 80 GiB)"), "NVIDIA H100 80GB HBM3, sm_90, 80 GiB");
     }
 
     #[test]

@@ -769,7 +769,7 @@ impl CoordinatorCore {
                 id: w.worker_id.clone(),
                 node: w.node.clone(),
                 memory_bytes: w.devices.iter().map(|d| d.memory_bytes).sum(),
-                tflops: w.devices.iter().map(|d| d.tflops).sum(),
+                tflops: expertmesh_cluster::groups::pooled_tflops(&workers, w),
             })
             .collect();
         let req = PlacementRequest {
