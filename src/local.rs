@@ -18,6 +18,8 @@ pub(crate) struct LocalCluster {
     pub(crate) workers: Vec<String>,
     /// Coordinators first, then workers.
     children: Vec<Option<Child>>,
+    /// With mutual TLS: this process's certificate (`client`) for calls into the cluster.
+    pub(crate) tls: Option<expertmesh_trust::Tls>,
 }
 
 /// The workers of a local cluster: a count of CPU workers (`4`) or devices by kind
@@ -98,12 +100,34 @@ pub(crate) struct LocalOptions {
     pub(crate) lease_ttl_ms: u64,
     /// Compute threads of each worker (`--compute-threads`); None: one per core.
     pub(crate) worker_threads: Option<usize>,
+    /// Mutual TLS on every link, with certificates generated into LOG_DIR/certs.
+    pub(crate) tls: bool,
 }
 
 impl LocalOptions {
     pub(crate) fn simple(workers: WorkerMix, replicas: usize, worker_threads: Option<usize>) -> Self {
-        Self { workers, replicas, coordinators: 1, store: "embedded".into(), lease_ttl_ms: 10_000, worker_threads }
+        Self {
+            workers,
+            replicas,
+            coordinators: 1,
+            store: "embedded".into(),
+            lease_ttl_ms: 10_000,
+            worker_threads,
+            tls: false,
+        }
     }
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca` for the certificate `stem` in `dir`.
+fn tls_flags(dir: &Path, stem: &str) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        dir.join(format!("{stem}.pem")).display().to_string(),
+        "--tls-key".into(),
+        dir.join(format!("{stem}-key.pem")).display().to_string(),
+        "--tls-ca".into(),
+        dir.join("ca.pem").display().to_string(),
+    ]
 }
 
 async fn spawn_ready(args: &[String], log: &Path, marker: &str) -> Result<(Child, String)> {
@@ -157,25 +181,45 @@ impl LocalCluster {
         if opts.coordinators > 1 && !in_store {
             bail!("{} coordinators need an etcd store to elect a leader", opts.coordinators);
         }
+        let certs = log_dir.join("certs");
+        let ids: Vec<String> = (0..opts.workers.len()).map(|i| format!("worker-{i}")).collect();
+        let tls = if opts.tls {
+            if in_store {
+                bail!("a local cluster with TLS keeps its state in the coordinator (--store embedded)");
+            }
+            expertmesh_trust::certs::generate(&certs, &ids, &[])?;
+            let files = expertmesh_trust::TlsFiles {
+                cert: certs.join("client.pem"),
+                key: certs.join("client-key.pem"),
+                ca: certs.join("ca.pem"),
+            };
+            Some(expertmesh_trust::Tls::load(files, Default::default())?)
+        } else {
+            None
+        };
         let mut children = Vec::new();
         let mut coordinators = Vec::new();
         for i in 0..opts.coordinators.max(1) {
+            let mut args: Vec<String> = vec![
+                "coordinator".into(),
+                "--listen".into(),
+                "127.0.0.1:0".into(),
+                "--model".into(),
+                model.display().to_string(),
+                "--expect-workers".into(),
+                opts.workers.len().to_string(),
+                "--replicas".into(),
+                opts.replicas.to_string(),
+                "--store".into(),
+                opts.store.clone(),
+                "--lease-ttl-ms".into(),
+                opts.lease_ttl_ms.to_string(),
+            ];
+            if opts.tls {
+                args.extend(tls_flags(&certs, "coordinator"));
+            }
             let (c, addr) = spawn_ready(
-                &[
-                    "coordinator".into(),
-                    "--listen".into(),
-                    "127.0.0.1:0".into(),
-                    "--model".into(),
-                    model.display().to_string(),
-                    "--expect-workers".into(),
-                    opts.workers.len().to_string(),
-                    "--replicas".into(),
-                    opts.replicas.to_string(),
-                    "--store".into(),
-                    opts.store.clone(),
-                    "--lease-ttl-ms".into(),
-                    opts.lease_ttl_ms.to_string(),
-                ],
+                &args,
                 &log_dir.join(if i == 0 { "coordinator.log".to_string() } else { format!("coordinator-{i}.log") }),
                 "EXPERTMESH_COORDINATOR_READY",
             )
@@ -190,10 +234,13 @@ impl LocalCluster {
                 "--listen".into(),
                 "127.0.0.1:0".into(),
                 "--id".into(),
-                format!("worker-{i}"),
+                ids[i].clone(),
                 "--device".into(),
                 device.clone(),
             ];
+            if opts.tls {
+                args.extend(tls_flags(&certs, &format!("worker.{}", ids[i])));
+            }
             if let Some(n) = opts.worker_threads {
                 args.extend(["--compute-threads".into(), n.to_string()]);
             }
@@ -212,7 +259,7 @@ impl LocalCluster {
             children.push(Some(c));
             addrs.push(a);
         }
-        Ok(Self { coordinator: coordinators[0].clone(), coordinators, workers: addrs, children })
+        Ok(Self { coordinator: coordinators[0].clone(), coordinators, workers: addrs, children, tls })
     }
 
     /// SIGKILL coordinator `i`.

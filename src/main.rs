@@ -4,6 +4,7 @@ mod cmd;
 mod env;
 mod local;
 mod shared;
+mod tls;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -52,6 +53,9 @@ enum Cmd {
     /// One device's backend without a cluster: conformance against the float64 reference
     /// (`check`), the start-up probe (`probe`), expert FFN rates at model shapes (`bench`).
     Backend(cmd::backend::BackendArgs),
+    /// Write a CA and certificates (coordinator, admin, client, etcd, one per worker) for a
+    /// local or test cluster with mutual TLS.
+    Certs(cmd::certs::CertsArgs),
 }
 
 fn init_tracing(cli: &Cli, default: &str) {
@@ -98,6 +102,7 @@ fn run() -> Result<()> {
             Cmd::Status(a) => cmd::status::run(a).await,
             Cmd::Drain(a) => cmd::drain::run(a).await,
             Cmd::Plan(a) => cmd::plan::plan(a).await,
+            Cmd::Certs(a) => cmd::certs::run(a),
             Cmd::Backend(a) => cmd::backend::run(a),
         }
     })

@@ -102,8 +102,9 @@ pub(crate) async fn cluster_dispatcher(
 ) -> Result<(LocalCluster, Arc<Dispatcher>)> {
     let cluster = LocalCluster::start(model, opts, log_dir).await?;
     let ck = Arc::new(Checkpoint::open(model)?);
-    let target = ControlTarget::Coordinator(cluster.coordinator.clone());
-    let d = connect_dispatcher(&target, ck, "cpu", DispatcherConfig::default(), stop).await?;
+    let target = ControlTarget::Coordinator { addrs: cluster.coordinator.clone(), tls: cluster.tls.clone() };
+    let dcfg = DispatcherConfig { tls: cluster.tls.clone(), ..Default::default() };
+    let d = connect_dispatcher(&target, ck, "cpu", dcfg, stop).await?;
     first_placement(&cluster, &d).await?;
     Ok((cluster, d))
 }
@@ -111,7 +112,7 @@ pub(crate) async fn cluster_dispatcher(
 /// Wait for the local cluster's first committed placement; a worker that cannot load its experts
 /// fails the wait at once with its own error (the coordinator keeps it with the worker's status).
 pub(crate) async fn first_placement(cluster: &LocalCluster, d: &Dispatcher) -> Result<()> {
-    let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5)).await?;
+    let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5), cluster.tls.as_ref()).await?;
     let load_error = async {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -208,7 +208,7 @@ async fn members_written_to_etcd_directly_are_checked_too() {
     cluster.add_store_worker("w0", &store_url, &[]);
     wait_status(&cluster.coordinator.addr, Duration::from_secs(30), "first placement", |s| s["current_epoch"] == 1);
     let clients = start_clients(&cluster, &[0], dir.path(), &spec, 2);
-    let store = expertmesh_cluster::store::open_store(&store_url).await.unwrap();
+    let store = expertmesh_cluster::store::open_store(&store_url, None).await.unwrap();
     let keys = ClusterKeys::new("default");
     let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
     for w in [info("badaddr", "not a host port"), info("nobody", "127.0.0.1:1")] {

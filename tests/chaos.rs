@@ -56,7 +56,7 @@ async fn chaos_run_nothing_wrong_nothing_hung() {
 
     let cases = Arc::new(traffic_cases(dir.path(), &spec, 24, 8));
     let deadline = Duration::from_secs(15);
-    let client = Arc::new(expertmesh_worker::client::MoeClient::new(&waddrs, deadline, 256 << 20).unwrap());
+    let client = Arc::new(expertmesh_worker::client::MoeClient::new(&waddrs, deadline, 256 << 20, None).unwrap());
     let streams = Streams::start(client, cases, 6, spec.hidden, deadline);
 
     // The schedule: a worker killed every 7 s and started again 2.5 s later (one down at a

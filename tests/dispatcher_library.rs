@@ -72,7 +72,7 @@ async fn an_engine_routes_its_own_tokens_through_the_dispatcher_library() {
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     let spec_only = ModelSpec::from_config_json(&config).unwrap();
     let control =
-        connect_control(&ControlTarget::Coordinator(cluster.coordinator.addr.clone()), Duration::from_secs(10))
+        connect_control(&ControlTarget::coordinator(cluster.coordinator.addr.clone()), Duration::from_secs(10))
             .await
             .unwrap();
     let mut plans = control.watch_placement().await.unwrap();

@@ -63,7 +63,7 @@ async fn etcd_outage_keeps_serving_and_reconciles() {
         assert_eq!(s["current_epoch"], 1, "{s}");
     }
     // The worker keys are back under live leases in etcd.
-    let st = expertmesh_cluster::store::open_store(&store).await.unwrap();
+    let st = expertmesh_cluster::store::open_store(&store, None).await.unwrap();
     let (workers, _) = st.list("/expertmesh/default/workers/").await.unwrap();
     assert_eq!(workers.len(), 3);
     for w in workers {

@@ -46,6 +46,16 @@ async fn suite(s: Arc<dyn MetadataStore>) {
 
     // leases: kept alive the key stays; revoked it goes; left alone it expires
     let ttl = Duration::from_secs(2);
+    // Lease ids are not guessable: no two in a row are neighbours, none is small.
+    let ids: Vec<i64> =
+        futures::future::join_all((0..6).map(|_| s.grant_lease(ttl))).await.into_iter().map(|r| r.unwrap()).collect();
+    for w in ids.windows(2) {
+        assert!((w[1] - w[0]).abs() > 1, "sequential lease ids {ids:?}");
+    }
+    assert!(ids.iter().all(|&i| i > 1 << 32), "small lease ids {ids:?}");
+    for i in ids {
+        s.revoke(i).await.unwrap();
+    }
     let l = s.grant_lease(ttl).await.unwrap();
     s.put("/t/lease/kept", b"k".to_vec(), Some(l)).await.unwrap();
     for _ in 0..6 {
@@ -83,14 +93,58 @@ async fn embedded_store_passes_the_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_passes_the_suite() {
     let etcd = Etcd::start();
-    let store = open_store(&format!("etcd://{}", etcd.endpoint())).await.unwrap();
+    let store = open_store(&format!("etcd://{}", etcd.endpoint()), None).await.unwrap();
+    suite(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_a_client_certificate_passes_the_suite() {
+    use expertmesh_trust::{IdentityMap, Tls, TlsFiles};
+    let certs = tempfile::tempdir().unwrap();
+    expertmesh_trust::certs::generate(certs.path(), &[], &[]).unwrap();
+    let etcd = Etcd::start_tls(certs.path());
+    let files = |stem: &str| TlsFiles {
+        cert: certs.path().join(format!("{stem}.pem")),
+        key: certs.path().join(format!("{stem}-key.pem")),
+        ca: certs.path().join("ca.pem"),
+    };
+    let url = format!("etcds://{}", etcd.endpoint());
+    // Plaintext to a TLS-only etcd fails.
+    let plain = format!("etcd://{}", etcd.endpoint());
+    let failed = match open_store(&plain, None).await {
+        Err(_) => true,
+        Ok(s) => s.get("/x").await.is_err(),
+    };
+    assert!(failed, "plaintext to a TLS etcd");
+    // TLS without a certificate in hand is refused before any connection.
+    let e = open_store(&url, None).await.unwrap_err().to_string();
+    assert!(e.contains("needs a client certificate"), "{e}");
+    // A certificate of another CA: etcd refuses the handshake.
+    let other = tempfile::tempdir().unwrap();
+    expertmesh_trust::certs::generate(other.path(), &[], &[]).unwrap();
+    let foreign = Tls::load(
+        TlsFiles {
+            ca: certs.path().join("ca.pem"),
+            ..TlsFiles {
+                cert: other.path().join("coordinator.pem"),
+                key: other.path().join("coordinator-key.pem"),
+                ca: other.path().join("ca.pem"),
+            }
+        },
+        IdentityMap::default(),
+    )
+    .unwrap();
+    let e = open_store(&url, Some(&foreign)).await.unwrap_err().to_string();
+    assert!(e.contains("cannot connect to etcd"), "{e}");
+    let tls = Tls::load(files("coordinator"), IdentityMap::default()).unwrap();
+    let store = open_store(&url, Some(&tls)).await.unwrap();
     suite(store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_urls_are_checked() {
-    let e = open_store("zookeeper://x").await.unwrap_err().to_string();
-    assert!(e.contains("expected `embedded` or `etcd://"), "{e}");
-    let e = open_store("etcd://").await.unwrap_err().to_string();
+    let e = open_store("zookeeper://x", None).await.unwrap_err().to_string();
+    assert!(e.contains("expected `embedded`, `etcd://"), "{e}");
+    let e = open_store("etcd://", None).await.unwrap_err().to_string();
     assert!(e.contains("no etcd endpoint"), "{e}");
 }

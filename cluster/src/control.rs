@@ -25,11 +25,18 @@ use crate::watch::{watch_prefix, WatchEvent, WatchOptions};
 /// Where a worker (or a dispatcher) finds the control plane.
 #[derive(Debug, Clone)]
 pub enum ControlTarget {
-    /// A coordinator's gRPC address.
-    Coordinator(String),
-    /// A metadata store URL (`etcd://HOST:PORT[,...]`), the cluster name, and the TTL of the
-    /// worker's own lease.
-    Store { url: String, cluster: String, lease_ttl: Duration },
+    /// Coordinators' gRPC addresses (comma-separated), reached over mutual TLS with `tls`.
+    Coordinator { addrs: String, tls: Option<expertmesh_trust::Tls> },
+    /// A metadata store URL (`etcd://HOST:PORT[,...]`, `etcds://` for TLS with `tls`), the
+    /// cluster name, and the TTL of the worker's own lease.
+    Store { url: String, cluster: String, lease_ttl: Duration, tls: Option<expertmesh_trust::Tls> },
+}
+
+impl ControlTarget {
+    /// Coordinators at `addrs`, plaintext.
+    pub fn coordinator(addrs: impl Into<String>) -> Self {
+        Self::Coordinator { addrs: addrs.into(), tls: None }
+    }
 }
 
 /// What registering gave the worker.
@@ -75,8 +82,10 @@ pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Resu
     let start = std::time::Instant::now();
     loop {
         let attempt: Result<Arc<dyn ControlPlane>> = match target {
-            ControlTarget::Coordinator(addr) => GrpcControl::connect(addr).await.map(|c| Arc::new(c) as _),
-            ControlTarget::Store { url, cluster, lease_ttl } => open_store(url)
+            ControlTarget::Coordinator { addrs, tls } => {
+                first_coordinator(addrs, tls.as_ref()).await.map(|c| Arc::new(c) as _)
+            }
+            ControlTarget::Store { url, cluster, lease_ttl, tls } => open_store(url, tls.as_ref())
                 .await
                 .map(|store| Arc::new(StoreControl { store, keys: ClusterKeys::new(cluster), ttl: *lease_ttl }) as _)
                 .map_err(|e| ClusterError::Unavailable(e.to_string())),
@@ -96,16 +105,17 @@ pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Resu
 
 /// A coordinator client, retrying the connection until `deadline`. `addrs` may name several
 /// coordinators, comma-separated: the first that answers is used.
-pub async fn connect_coordinator(addrs: &str, deadline: Duration) -> Result<CoordinatorClient<Channel>> {
+pub async fn connect_coordinator(
+    addrs: &str,
+    deadline: Duration,
+    tls: Option<&expertmesh_trust::Tls>,
+) -> Result<CoordinatorClient<Channel>> {
     let start = std::time::Instant::now();
     loop {
-        let mut last = String::new();
-        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-            match GrpcControl::connect(addr).await {
-                Ok(c) => return Ok(c.client),
-                Err(e) => last = e.to_string(),
-            }
-        }
+        let last = match first_coordinator(addrs, tls).await {
+            Ok(c) => return Ok(c.client),
+            Err(e) => e.to_string(),
+        };
         if start.elapsed() >= deadline {
             return Err(ClusterError::Unavailable(format!(
                 "no coordinator of `{addrs}` reachable after {deadline:?}: {last}"
@@ -115,6 +125,18 @@ pub async fn connect_coordinator(addrs: &str, deadline: Duration) -> Result<Coor
     }
 }
 
+/// The first of the comma-separated coordinators `addrs` that answers.
+async fn first_coordinator(addrs: &str, tls: Option<&expertmesh_trust::Tls>) -> Result<GrpcControl> {
+    let mut last = ClusterError::InvalidInput(format!("`{addrs}` names no coordinator"));
+    for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        match GrpcControl::connect(addr, tls).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
 /// Through a coordinator.
 #[derive(Debug, Clone)]
 pub struct GrpcControl {
@@ -122,22 +144,24 @@ pub struct GrpcControl {
 }
 
 impl GrpcControl {
-    pub async fn connect(addr: &str) -> Result<Self> {
-        let url = if addr.starts_with("http") { addr.to_string() } else { format!("http://{addr}") };
+    /// Connect to the coordinator at `addr`; with `tls`, over mutual TLS, expecting the
+    /// `coordinator` identity there.
+    pub async fn connect(addr: &str, tls: Option<&expertmesh_trust::Tls>) -> Result<Self> {
         // Every call ends within 5 s (a partitioned coordinator must not hang a lease renewal
         // for TCP's retransmission time); pings find a dead connection. The placement watch is
         // a stream: the timeout covers only its opening.
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| ClusterError::InvalidInput(format!("coordinator address `{addr}`: {e}")))?
+        let ep = expertmesh_trust::client::endpoint(addr)
+            .map_err(|e| ClusterError::InvalidInput(format!("coordinator {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await
-            .map_err(|e| ClusterError::Unavailable(format!("coordinator {addr}: {e}")))?;
+            .keep_alive_while_idle(true);
+        let expect = expertmesh_trust::Expect::Identity(expertmesh_trust::Identity::Coordinator);
+        let channel = expertmesh_trust::client::connect(ep, tls, expect).await.map_err(|e| {
+            ClusterError::Unavailable(format!("coordinator {addr}: {}", expertmesh_proto::error_chain(&e)))
+        })?;
         let client = CoordinatorClient::new(channel).max_decoding_message_size(256 << 20);
         Ok(Self { client })
     }

@@ -31,6 +31,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+use expertmesh_trust::{authorize, Expect, Identity, Need, Tls};
+
 use crate::error::{CoordinatorError, Result};
 use expertmesh_cluster::keys::{parse_epoch, ClusterKeys, Key};
 use expertmesh_cluster::store::{open_store, LeaseId, MetadataStore};
@@ -41,6 +43,10 @@ use expertmesh_cluster::watch::{watch_prefix, WatchEvent, WatchOptions};
 const SETTLE: Duration = Duration::from_millis(50);
 /// Plans kept in the store behind the committed one.
 const PLANS_KEPT: u64 = 8;
+/// Largest control message either way (a placement of a 61-layer, 384-expert model is ~1 MiB).
+const MAX_CONTROL_MESSAGE_BYTES: usize = 16 << 20;
+/// Concurrent streams one connection may hold open (a worker uses a handful).
+const MAX_STREAMS_PER_CONNECTION: u32 = 64;
 
 /// Coordinator settings.
 #[derive(Debug, Clone)]
@@ -62,6 +68,11 @@ pub struct CoordinatorConfig {
     /// A member that does not report ready for a proposed plan within this is left out of the
     /// next plans (for as long again), so it never blocks the others.
     pub ready_timeout: Duration,
+    /// Mutual TLS of this coordinator's server and of its calls to workers; None: plaintext
+    /// (loopback development clusters).
+    pub tls: Option<Tls>,
+    /// The client certificate for an `etcds://` store.
+    pub store_tls: Option<Tls>,
 }
 
 #[derive(Debug)]
@@ -668,10 +679,26 @@ impl CoordinatorCore {
         }
     }
 
+    /// Whether `lease` is the lease `worker`'s record is bound to. Lease ids are random and only
+    /// ever reach the worker they were granted to; this makes a guessed one useless too.
+    async fn owns_lease(&self, worker: &str, lease: u64) -> Result<bool> {
+        let held = self.store.get(&self.keys.worker(worker)).await?;
+        Ok(held.is_some_and(|kv| kv.lease != 0 && kv.lease as u64 == lease))
+    }
+
     /// Check a new member's health service at its address before it may hold experts.
     async fn verify(self: Arc<Self>, id: String, info: WorkerInfo) {
-        let r = expertmesh_proto::health_check(&info.address, expertmesh_proto::EXPERT_SERVICE, Duration::from_secs(1))
-            .await;
+        // Over TLS the address must present `worker.<id>`: a registration cannot point the
+        // cluster's traffic at someone else's server.
+        let expect = Expect::Identity(Identity::Worker(id.clone()));
+        let r = expertmesh_proto::health_check(
+            &info.address,
+            expertmesh_proto::EXPERT_SERVICE,
+            Duration::from_secs(1),
+            self.cfg.tls.as_ref(),
+            expect,
+        )
+        .await;
         {
             let mut st = self.state.lock().await;
             let mut touched = false;
@@ -710,9 +737,15 @@ impl CoordinatorCore {
     /// removed finds its lease gone and registers again.
     async fn check_suspect(self: Arc<Self>, id: String, reporter: String, address: Option<String>) {
         let alive = match &address {
-            Some(a) => expertmesh_proto::health_check(a, expertmesh_proto::EXPERT_SERVICE, Duration::from_secs(1))
-                .await
-                .is_ok(),
+            Some(a) => expertmesh_proto::health_check(
+                a,
+                expertmesh_proto::EXPERT_SERVICE,
+                Duration::from_secs(1),
+                self.cfg.tls.as_ref(),
+                Expect::Identity(Identity::Worker(id.clone())),
+            )
+            .await
+            .is_ok(),
             None => true, // not a member (already gone): nothing to do
         };
         if !alive {
@@ -840,6 +873,8 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<PlacementEvent, Status>> + S
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let id = req.get_ref().worker.as_ref().map(|w| w.worker_id.clone()).unwrap_or_default();
+        authorize(&req, "Register", Need::Worker(&id))?;
         let req = req.into_inner();
         let info = req.worker.ok_or_else(|| Status::invalid_argument("register: missing `worker`"))?;
         expertmesh_cluster::validate::check_worker_info(&info)
@@ -868,10 +903,18 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        authorize(&req, "Heartbeat", Need::Worker(&req.get_ref().worker_id))?;
         let r = req.into_inner();
         id_arg("heartbeat", "worker_id", &r.worker_id)?;
         let c = &self.core;
-        let known = match c.store.keep_alive(r.lease_id as LeaseId).await {
+        // Only the lease the worker's record is bound to: a heartbeat naming any other lease
+        // (another worker's, the leader's) keeps nothing alive.
+        let owned = c.owns_lease(&r.worker_id, r.lease_id).await;
+        let renewed = match owned {
+            Ok(false) => Ok(false),
+            Ok(true) | Err(_) => c.store.keep_alive(r.lease_id as LeaseId).await,
+        };
+        let known = match renewed {
             Ok(alive) => alive,
             Err(e) => {
                 // The worker reached us, so it is alive; the store cannot confirm the lease right
@@ -891,9 +934,17 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn deregister(&self, req: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
+        authorize(&req, "Deregister", Need::WorkerOrAdmin(&req.get_ref().worker_id))?;
         let r = req.into_inner();
         id_arg("deregister", "worker_id", &r.worker_id)?;
         let c = &self.core;
+        // A lease is only ever revoked for the worker it belongs to.
+        if !c.owns_lease(&r.worker_id, r.lease_id).await.map_err(Status::from)? {
+            return Err(Status::permission_denied(format!(
+                "deregister: lease {} is not the lease of worker `{}`",
+                r.lease_id, r.worker_id
+            )));
+        }
         c.store.revoke(r.lease_id as LeaseId).await.map_err(Status::from)?;
         let mut st = c.state.lock().await;
         c.apply(&mut st, &c.keys.worker(&r.worker_id), None);
@@ -901,7 +952,8 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(DeregisterResponse {}))
     }
 
-    async fn get_placement(&self, _: Request<GetPlacementRequest>) -> Result<Response<PlacementPlan>, Status> {
+    async fn get_placement(&self, req: Request<GetPlacementRequest>) -> Result<Response<PlacementPlan>, Status> {
+        authorize(&req, "GetPlacement", Need::Cluster)?;
         let st = self.core.state.lock().await;
         st.current.clone().map(Response::new).ok_or_else(|| Status::unavailable("no placement committed yet"))
     }
@@ -910,8 +962,9 @@ impl Coordinator for CoordinatorService {
 
     async fn watch_placement(
         &self,
-        _: Request<WatchPlacementRequest>,
+        req: Request<WatchPlacementRequest>,
     ) -> Result<Response<Self::WatchPlacementStream>, Status> {
+        authorize(&req, "WatchPlacement", Need::Cluster)?;
         let (mut rx, initial) = {
             let st = self.core.state.lock().await;
             let rx = self.core.events.subscribe();
@@ -950,6 +1003,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn report_ready(&self, req: Request<ReportReadyRequest>) -> Result<Response<ReportReadyResponse>, Status> {
+        authorize(&req, "ReportReady", Need::Worker(&req.get_ref().worker_id))?;
         let mut r = req.into_inner();
         id_arg("report_ready", "worker_id", &r.worker_id)?;
         r.error = expertmesh_core::limits::truncate_text(&r.error, MAX_ERROR_BYTES);
@@ -979,6 +1033,7 @@ impl Coordinator for CoordinatorService {
 
     async fn report_load(&self, req: Request<LoadReport>) -> Result<Response<ReportLoadResponse>, Status> {
         // Statistics only: kept in this coordinator's memory, not written to the store.
+        authorize(&req, "ReportLoad", Need::Worker(&req.get_ref().worker_id))?;
         let r = req.into_inner();
         let c = &self.core;
         expertmesh_cluster::validate::check_load_report(&c.spec, &r)
@@ -989,6 +1044,8 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        // A worker asks to drain itself (SIGTERM); anyone else's drain is an operator's.
+        authorize(&req, "Drain", Need::WorkerOrAdmin(&req.get_ref().worker_id))?;
         let r = req.into_inner();
         id_arg("drain", "worker_id", &r.worker_id)?;
         let c = &self.core;
@@ -1023,6 +1080,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ReportUnreachableRequest>,
     ) -> Result<Response<ReportUnreachableResponse>, Status> {
+        authorize(&req, "ReportUnreachable", Need::Worker(&req.get_ref().reporter))?;
         let r = req.into_inner();
         id_arg("report_unreachable", "worker_id", &r.worker_id)?;
         id_arg("report_unreachable", "reporter", &r.reporter)?;
@@ -1038,8 +1096,9 @@ impl Coordinator for CoordinatorService {
 
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        authorize(&req, "ClusterStatus", Need::Cluster)?;
         let c = &self.core;
         let st = c.state.lock().await;
         let held = |id: &str| -> u32 {
@@ -1086,6 +1145,11 @@ impl Coordinator for CoordinatorService {
                 }
                 sum.into_iter().map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens }).collect()
             },
+            mutual_tls: c.cfg.tls.is_some(),
+            refused_calls: {
+                let (a, b) = expertmesh_trust::authz::refusals();
+                a + b
+            },
         }))
     }
 }
@@ -1103,7 +1167,11 @@ pub async fn serve(
     if cfg.advertise.is_empty() {
         cfg.advertise = addr.to_string();
     }
-    let store = open_store(store_url).await?;
+    let store = open_store(store_url, cfg.store_tls.as_ref()).await?;
+    let tls = cfg.tls.clone();
+    if tls.is_none() && !expertmesh_trust::is_loopback(&addr) {
+        warn!(%addr, "serving WITHOUT TLS on a non-loopback address: anyone who can reach this port can register workers, read the cluster's state and drain workers; give --tls-cert, --tls-key and --tls-ca");
+    }
     let core = CoordinatorCore::new(cfg, store)?;
     core.check_model().await?;
     core.resync().await?;
@@ -1136,11 +1204,23 @@ pub async fn serve(
     let reflection = expertmesh_proto::reflection_service().map_err(CoordinatorError::InvalidInput)?;
     info!(%addr, "coordinator serving");
     on_ready(addr);
+    // Control messages are small: a 16 MiB ceiling both ways (placements of the largest
+    // models are a few MiB); bounded streams per connection; pings find dead peers.
+    let incoming = expertmesh_trust::server::incoming(tokio_stream::wrappers::TcpListenerStream::new(listener), tls);
     tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(expertmesh_trust::server::RequireAuthLayer)
         .add_service(health)
         .add_service(reflection)
-        .add_service(CoordinatorServer::new(CoordinatorService { core }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled())
+        .add_service(
+            CoordinatorServer::new(CoordinatorService { core })
+                .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_CONTROL_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
         .await?;
     stop_tasks.cancel();
     ticker.abort();

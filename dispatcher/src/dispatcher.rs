@@ -79,6 +79,9 @@ pub struct DispatcherConfig {
     pub request_timeout: Duration,
     /// A silent destination's rows are never hedged sooner than this after its last answer.
     pub hedge_min: Duration,
+    /// Mutual TLS to the workers (each must present a `worker.<id>` certificate of the CA);
+    /// None: plaintext.
+    pub tls: Option<expertmesh_trust::Tls>,
 }
 
 impl Default for DispatcherConfig {
@@ -90,6 +93,7 @@ impl Default for DispatcherConfig {
             rpc_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             hedge_min: Duration::from_millis(20),
+            tls: None,
         }
     }
 }
@@ -103,6 +107,7 @@ impl DispatcherConfig {
     /// The gRPC transport itself (to wrap in a [`crate::transport::RoutedTransport`]).
     pub fn grpc(&self) -> GrpcTransport {
         GrpcTransport::new(self.max_message_bytes, Duration::from_secs(5).min(self.rpc_timeout))
+            .with_tls(self.tls.clone())
     }
 }
 

@@ -105,11 +105,19 @@ pub struct GrpcTransport {
     clients: Mutex<HashMap<String, ExpertServiceClient<Channel>>>,
     max_message_bytes: usize,
     connect_timeout: Duration,
+    tls: Option<expertmesh_trust::Tls>,
 }
 
 impl GrpcTransport {
     pub fn new(max_message_bytes: usize, connect_timeout: Duration) -> Self {
-        Self { clients: Mutex::new(HashMap::new()), max_message_bytes, connect_timeout }
+        Self { clients: Mutex::new(HashMap::new()), max_message_bytes, connect_timeout, tls: None }
+    }
+
+    /// Reach workers over mutual TLS with `tls` (each must present a `worker.<id>`
+    /// certificate of the cluster CA).
+    pub fn with_tls(mut self, tls: Option<expertmesh_trust::Tls>) -> Self {
+        self.tls = tls;
+        self
     }
 
     fn client(&self, addr: &str) -> Result<ExpertServiceClient<Channel>> {
@@ -120,15 +128,15 @@ impl GrpcTransport {
         // A member's address was checked when it registered; one that still does not parse is
         // that worker's fault, never the caller's: an Unavailable destination, not bad input.
         expertmesh_core::limits::check_address("worker address", addr).map_err(Error::Unavailable)?;
-        let ch = Endpoint::from_shared(format!("http://{addr}"))
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| Error::Unavailable(format!("worker address `{addr}`: {e}")))?
             .tcp_nodelay(true)
             .initial_stream_window_size(Some(8 << 20))
             .initial_connection_window_size(Some(32 << 20))
             .connect_timeout(self.connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = expertmesh_trust::client::connect_lazy(ep, self.tls.as_ref(), expertmesh_trust::Expect::AnyWorker);
         let c = ExpertServiceClient::new(ch)
             .max_decoding_message_size(self.max_message_bytes)
             .max_encoding_message_size(self.max_message_bytes);
@@ -178,7 +186,8 @@ impl ExpertTransport for GrpcTransport {
     }
 
     async fn probe(&self, address: &str, limit: Duration) -> Result<()> {
-        expertmesh_proto::health_check(address, expertmesh_proto::EXPERT_SERVICE, limit)
+        let expect = expertmesh_trust::Expect::AnyWorker;
+        expertmesh_proto::health_check(address, expertmesh_proto::EXPERT_SERVICE, limit, self.tls.as_ref(), expect)
             .await
             .map_err(|e| Error::Unavailable(format!("{address}: {e}")))
     }

@@ -31,19 +31,24 @@ pub fn reflection_service() -> Result<
 pub const EXPERT_SERVICE: &str = "expertmesh.v1.ExpertService";
 
 /// Ask the gRPC health service at `address` (`HOST:PORT`) whether `service` ("" for the whole
-/// server) is SERVING, within `limit`. `Err` says why not: the address does not parse, nothing
-/// answers, or the answer is another status.
-pub async fn health_check(address: &str, service: &str, limit: std::time::Duration) -> Result<(), String> {
+/// server) is SERVING, within `limit`; over mutual TLS with `tls`, expecting `expect` there.
+/// `Err` says why not: the address does not parse, nothing answers, the server is not who was
+/// expected, or the answer is another status.
+pub async fn health_check(
+    address: &str,
+    service: &str,
+    limit: std::time::Duration,
+    tls: Option<&expertmesh_trust::Tls>,
+    expect: expertmesh_trust::Expect,
+) -> Result<(), String> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| format!("address `{address}` is not usable: {e}"))?
-        .connect_timeout(limit)
-        .timeout(limit);
+    let endpoint = expertmesh_trust::client::endpoint(address)?.connect_timeout(limit).timeout(limit);
     let check = async {
-        let channel =
-            endpoint.connect().await.map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
+        let channel = expertmesh_trust::client::connect(endpoint, tls, expect)
+            .await
+            .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
         let r = HealthClient::new(channel).check(HealthCheckRequest { service: service.to_string() }).await.map_err(
             |s| {
                 if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired") {

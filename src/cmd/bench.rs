@@ -209,7 +209,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
     let (cluster, dispatcher) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let d = if a.via_worker {
-        Distributed::Entry(Arc::new(EntryClient::new(&cluster.workers[..1], &spec)?))
+        Distributed::Entry(Arc::new(EntryClient::new(&cluster.workers[..1], &spec, cluster.tls.as_ref())?))
     } else {
         Distributed::Here(dispatcher.clone())
     };
@@ -366,8 +366,9 @@ struct EntryClient {
 }
 
 impl EntryClient {
-    fn new(entries: &[String], spec: &expertmesh_core::ModelSpec) -> Result<Self> {
-        let client = expertmesh_worker::client::MoeClient::new(entries, std::time::Duration::from_secs(60), 1 << 30)
+    fn new(entries: &[String], spec: &expertmesh_core::ModelSpec, tls: Option<&expertmesh_trust::Tls>) -> Result<Self> {
+        let timeout = std::time::Duration::from_secs(60);
+        let client = expertmesh_worker::client::MoeClient::new(entries, timeout, 1 << 30, tls)
             .map_err(|e| anyhow!("entry worker: {e}"))?;
         Ok(Self { client, hidden: spec.hidden })
     }

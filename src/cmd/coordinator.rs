@@ -12,6 +12,7 @@ use expertmesh_dispatcher::Checkpoint;
 
 use crate::env;
 use crate::shared::shutdown_on_signals;
+use crate::tls::{EtcdTlsArgs, TlsArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct CoordinatorArgs {
@@ -40,9 +41,15 @@ pub(crate) struct CoordinatorArgs {
     /// the next plans for as long again, so it never blocks re-planning for the others.
     #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
     pub(crate) ready_timeout_ms: u64,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    #[command(flatten)]
+    pub(crate) etcd_tls: EtcdTlsArgs,
 }
 
 pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
+    let tls = a.tls.load()?;
+    let store_tls = a.etcd_tls.load(tls.as_ref())?;
     let ck = Checkpoint::open(&a.model).with_context(|| format!("opening model {}", a.model.display()))?;
     let model_dir = a.model.canonicalize()?.display().to_string();
     let spec = ck.spec().clone();
@@ -60,6 +67,8 @@ pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
         expert_bytes,
         advertise: a.advertise.unwrap_or_default(),
         ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
+        tls,
+        store_tls,
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let ready = |addr| {

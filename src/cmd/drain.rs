@@ -8,6 +8,7 @@ use expertmesh_cluster::control::connect_coordinator;
 use expertmesh_proto::v1::{ClusterStatusRequest, DrainRequest};
 
 use crate::env;
+use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct DrainArgs {
@@ -19,10 +20,14 @@ pub(crate) struct DrainArgs {
     /// Wait at most this long for the worker to leave the cluster (0: do not wait).
     #[arg(long, default_value_t = 60)]
     pub(crate) wait_s: u64,
+    /// An `admin` certificate, when the cluster runs mutual TLS.
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 pub(crate) async fn run(a: DrainArgs) -> Result<()> {
-    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5)).await?;
+    let tls = a.tls.load()?;
+    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5), tls.as_ref()).await?;
     let r = c.drain(DrainRequest { worker_id: a.worker_id.clone() }).await?.into_inner();
     if !r.will_move {
         eprintln!(

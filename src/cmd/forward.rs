@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::env;
 use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{cluster_dispatcher, parse_wire, scratch};
+use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct ForwardArgs {
@@ -45,6 +46,9 @@ pub(crate) struct ForwardArgs {
     pub(crate) timeout_ms: u64,
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
+    /// With --entry: a `client` (or other cluster) certificate, when the cluster runs mutual TLS.
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 /// Read `hidden_states` and optional `input_ids` from a safetensors file.
@@ -157,20 +161,26 @@ async fn forward_entry(a: &ForwardArgs, wire: DType) -> Result<()> {
     use expertmesh_proto::v1::{DescribeRequest, ForwardRequest};
     use expertmesh_worker::client::MoeClient;
     let timeout = Duration::from_millis(a.timeout_ms.max(1));
-    let client = MoeClient::new(&a.entry, timeout, 256 << 20).map_err(|e| anyhow!("--entry: {e}"))?;
+    let tls = a.tls.load()?;
+    let client = MoeClient::new(&a.entry, timeout, 256 << 20, tls.as_ref()).map_err(|e| anyhow!("--entry: {e}"))?;
     // The model's shape, from the first entry that answers.
     let mut desc = None;
+    let mut last = String::new();
     for e in &a.entry {
-        let ch =
-            tonic::transport::Endpoint::from_shared(format!("http://{e}"))?.connect_timeout(Duration::from_secs(3));
-        if let Ok(ch) = ch.connect().await {
-            if let Ok(d) = MoeLayerClient::new(ch).describe(DescribeRequest {}).await {
-                desc = Some(d.into_inner());
-                break;
-            }
+        let ep =
+            expertmesh_trust::client::endpoint(e).map_err(anyhow::Error::msg)?.connect_timeout(Duration::from_secs(3));
+        match expertmesh_trust::client::connect(ep, tls.as_ref(), expertmesh_trust::Expect::AnyWorker).await {
+            Ok(ch) => match MoeLayerClient::new(ch).describe(DescribeRequest {}).await {
+                Ok(d) => {
+                    desc = Some(d.into_inner());
+                    break;
+                }
+                Err(s) => last = format!("{e}: {:?}: {}", s.code(), s.message()),
+            },
+            Err(err) => last = format!("{e}: {}", expertmesh_proto::error_chain(&err)),
         }
     }
-    let desc = desc.ok_or_else(|| anyhow!("no entry worker of {:?} answered Describe", a.entry))?;
+    let desc = desc.ok_or_else(|| anyhow!("no entry worker of {:?} answered Describe (last: {last})", a.entry))?;
     let hidden = desc.hidden as usize;
     let (tokens, x, ids) = read_input(&a.input, hidden)?;
     let req = ForwardRequest {

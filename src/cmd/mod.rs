@@ -3,6 +3,7 @@
 
 pub(crate) mod backend;
 pub(crate) mod bench;
+pub(crate) mod certs;
 pub(crate) mod coordinator;
 pub(crate) mod drain;
 pub(crate) mod forward;

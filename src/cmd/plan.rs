@@ -46,6 +46,9 @@ pub(crate) struct PlanArgs {
     /// Plan on a live cluster: its workers, model and measured expert loads (coordinator host:port).
     #[arg(long)]
     from_cluster: Option<String>,
+    /// With --from-cluster: a cluster certificate, when the cluster runs mutual TLS.
+    #[command(flatten)]
+    tls: crate::tls::TlsArgs,
     /// prefill or decode.
     #[arg(long, default_value = "decode")]
     phase: String,
@@ -131,10 +134,11 @@ fn default_precisions(a: &ModelArch, args: &PlanArgs) -> Precisions {
 /// bandwidth figures the workers do not report come from the catalog row of their kind.
 async fn from_cluster(
     addr: &str,
+    tls: Option<&expertmesh_trust::Tls>,
     catalog: &Catalog,
     notes: &mut Vec<String>,
 ) -> Result<(ModelArch, Inventory, BTreeMap<(usize, usize), u64>)> {
-    let mut c = connect_coordinator(addr, Duration::from_secs(5)).await?;
+    let mut c = connect_coordinator(addr, Duration::from_secs(5), tls).await?;
     let s = c.cluster_status(ClusterStatusRequest {}).await.context("cluster status")?.into_inner();
     if s.model_config_json.is_empty() {
         bail!("the coordinator at {addr} does not report its model config (an older version?)");
@@ -226,7 +230,7 @@ pub(crate) async fn plan(args: PlanArgs) -> Result<()> {
     }
     let mut notes = Vec::new();
     let (arch, inventory, loads) = if let Some(addr) = &args.from_cluster {
-        let (a, i, l) = from_cluster(addr, &catalog, &mut notes).await?;
+        let (a, i, l) = from_cluster(addr, args.tls.load()?.as_ref(), &catalog, &mut notes).await?;
         (a, i, Some(l))
     } else {
         let arch = load_model(&args.model)?;

@@ -8,6 +8,7 @@ use expertmesh_cluster::control::connect_coordinator;
 use expertmesh_proto::v1::ClusterStatusRequest;
 
 use crate::env;
+use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
@@ -16,6 +17,8 @@ pub(crate) struct StatusArgs {
     pub(crate) coordinator: String,
     #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
 }
 
 /// "812.0 KiB", "1.50 GiB".
@@ -35,7 +38,8 @@ fn fmt_bytes(b: u64) -> String {
 }
 
 pub(crate) async fn run(a: StatusArgs) -> Result<()> {
-    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5)).await?;
+    let tls = a.tls.load()?;
+    let mut c = connect_coordinator(&a.coordinator, Duration::from_secs(5), tls.as_ref()).await?;
     let s = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
     if a.json {
         let workers: Vec<_> = s

@@ -45,6 +45,10 @@ pub(crate) struct UpArgs {
     /// Where process logs go (default: a temporary directory).
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
+    /// Mutual TLS on every link: certificates are generated (`expertmesh certs`) into
+    /// LOG_DIR/certs, and the demo drives the cluster with the `client` one.
+    #[arg(long)]
+    pub(crate) tls: bool,
 }
 
 pub(crate) async fn run(a: UpArgs) -> Result<()> {
@@ -58,7 +62,8 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("expertmesh-up-logs-{}", std::process::id())));
     let stop = shutdown_on_signals();
     eprintln!("starting coordinator and {} (logs in {})", a.workers, log_dir.display());
-    let opts = LocalOptions::simple(a.workers.clone(), a.replicas, a.worker_threads);
+    let mut opts = LocalOptions::simple(a.workers.clone(), a.replicas, a.worker_threads);
+    opts.tls = a.tls;
     let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let spec = d.spec().clone();
     let layers = spec.moe_layers();
@@ -105,7 +110,7 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
             }
         }));
     }
-    let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5)).await?;
+    let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5), cluster.tls.as_ref()).await?;
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
     let mut last = (Instant::now(), 0u64);

@@ -13,6 +13,7 @@ use expertmesh_worker::node::{run_worker, StopSignals, WorkerConfig};
 use expertmesh_worker::service::AdmissionConfig;
 
 use crate::env;
+use crate::tls::{EtcdTlsArgs, TlsArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
@@ -98,6 +99,13 @@ pub(crate) struct WorkerArgs {
     /// A peer that does not read its answers for this long loses its connection.
     #[arg(long, default_value_t = 10_000, env = env::STALL_TIMEOUT_MS)]
     pub(crate) stall_timeout_ms: u64,
+    /// A Compute stream whose peer sends nothing for this long is closed.
+    #[arg(long, default_value_t = 30_000, env = env::STREAM_IDLE_TIMEOUT_MS)]
+    pub(crate) stream_idle_timeout_ms: u64,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    #[command(flatten)]
+    pub(crate) etcd_tls: EtcdTlsArgs,
 }
 
 /// SIGTERM drains the worker; SIGINT (Ctrl-C) stops it at once.
@@ -134,11 +142,15 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
             bail!("--tflops {t}: expected a positive number of TFLOP/s up to 1e6 (or leave it out to measure)");
         }
     }
+    let tls = a.tls.load()?;
     let control = match (a.store, a.coordinator) {
-        (Some(url), _) if url != "embedded" => {
-            ControlTarget::Store { url, cluster: a.cluster, lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)) }
-        }
-        (_, Some(c)) => ControlTarget::Coordinator(c),
+        (Some(url), _) if url != "embedded" => ControlTarget::Store {
+            url,
+            cluster: a.cluster,
+            lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)),
+            tls: a.etcd_tls.load(tls.as_ref())?,
+        },
+        (_, Some(c)) => ControlTarget::Coordinator { addrs: c, tls: tls.clone() },
         (Some(_), None) => {
             bail!("--store embedded lives inside the coordinator's process: give the worker --coordinator HOST:PORT")
         }
@@ -166,6 +178,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
             max_connections: a.max_connections.max(1),
             admission_wait: Duration::from_millis(a.admission_wait_ms),
             stall_timeout: Duration::from_millis(a.stall_timeout_ms.max(100)),
+            stream_idle_timeout: Duration::from_millis(a.stream_idle_timeout_ms.max(100)),
         },
         dispatcher: DispatcherConfig {
             max_message_bytes: a.max_message_mib << 20,
@@ -173,9 +186,11 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
             rpc_timeout: Duration::from_millis(a.rpc_timeout_ms.max(10)),
             request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
             hedge_min: Duration::from_millis(a.hedge_min_ms),
+            tls: tls.clone(),
             ..Default::default()
         },
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
+        tls,
     };
     run_worker(cfg, worker_signals()).await?;
     Ok(())

@@ -165,7 +165,7 @@ impl Cluster {
         deadline: Duration,
     ) -> std::sync::Arc<expertmesh_worker::client::MoeClient> {
         let addrs: Vec<String> = entries.iter().map(|&i| self.workers[i].addr.clone()).collect();
-        std::sync::Arc::new(expertmesh_worker::client::MoeClient::new(&addrs, deadline, 256 << 20).unwrap())
+        std::sync::Arc::new(expertmesh_worker::client::MoeClient::new(&addrs, deadline, 256 << 20, None).unwrap())
     }
 
     /// A MoeLayer client on worker `i`.

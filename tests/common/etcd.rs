@@ -10,6 +10,9 @@ pub struct Etcd {
     peer_port: u16,
     pub data: tempfile::TempDir,
     log: std::path::PathBuf,
+    /// Serve clients over TLS with this certificate directory (`expertmesh certs` layout),
+    /// requiring client certificates of its CA (etcd's `--client-cert-auth`).
+    tls: Option<std::path::PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -19,6 +22,16 @@ fn free_port() -> u16 {
 impl Etcd {
     /// Start etcd; fails (never skips) when the binary is missing.
     pub fn start() -> Self {
+        Self::start_inner(None)
+    }
+
+    /// Start etcd serving clients over TLS only, with `certs/etcd.pem` and client certificate
+    /// authentication against `certs/ca.pem`.
+    pub fn start_tls(certs: &std::path::Path) -> Self {
+        Self::start_inner(Some(certs.to_path_buf()))
+    }
+
+    fn start_inner(tls: Option<std::path::PathBuf>) -> Self {
         let data = tempfile::tempdir().unwrap();
         let mut e = Etcd {
             child: None,
@@ -26,6 +39,7 @@ impl Etcd {
             peer_port: free_port(),
             log: data.path().join("etcd.log"),
             data,
+            tls,
         };
         e.spawn();
         e
@@ -39,11 +53,19 @@ impl Etcd {
         let bin = which_etcd();
         let (c, p) = (self.client_port, self.peer_port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(bin)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut cmd = Command::new(bin);
+        if let Some(d) = &self.tls {
+            cmd.arg("--cert-file").arg(d.join("etcd.pem"));
+            cmd.arg("--key-file").arg(d.join("etcd-key.pem"));
+            cmd.arg("--trusted-ca-file").arg(d.join("ca.pem"));
+            cmd.arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "test", "--data-dir"])
             .arg(self.data.path().join("data"))
-            .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
-            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+            .args(["--listen-client-urls", &format!("{scheme}://127.0.0.1:{c}")])
+            .args(["--advertise-client-urls", &format!("{scheme}://127.0.0.1:{c}")])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
             .args(["--initial-cluster", &format!("test=http://127.0.0.1:{p}")])

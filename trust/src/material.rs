@@ -228,7 +228,7 @@ impl ServerCertVerifier for ByIdentity {
                 let ServerName::DnsName(want) = server_name else {
                     return Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName));
                 };
-                let names = certificate_names(end_entity).map_err(|e| rustls::Error::General(e))?;
+                let names = certificate_names(end_entity).map_err(rustls::Error::General)?;
                 let ids = self.map.identities(&names);
                 let ok = match want.as_ref() {
                     ANY_SERVER => true,

@@ -51,18 +51,24 @@ pub struct MoeClient {
 impl MoeClient {
     /// Clients for `entries` (`HOST:PORT` each; connected lazily). `timeout` bounds a whole
     /// call, retries included, and travels to the server as `grpc-timeout`.
-    pub fn new(entries: &[String], timeout: Duration, max_message_bytes: usize) -> Result<Self, String> {
+    /// With `tls`, over mutual TLS (each entry must present a `worker.<id>` certificate).
+    pub fn new(
+        entries: &[String],
+        timeout: Duration,
+        max_message_bytes: usize,
+        tls: Option<&expertmesh_trust::Tls>,
+    ) -> Result<Self, String> {
         if entries.is_empty() {
             return Err("no entry worker given; expected one or more HOST:PORT".into());
         }
         let mut v = Vec::new();
         for e in entries {
             expertmesh_core::limits::check_address("entry worker", e)?;
-            let ch = Endpoint::from_shared(format!("http://{e}"))
+            let ep = Endpoint::from_shared(format!("http://{e}"))
                 .map_err(|err| format!("entry worker `{e}`: {err}"))?
                 .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(3).min(timeout))
-                .connect_lazy();
+                .connect_timeout(Duration::from_secs(3).min(timeout));
+            let ch = expertmesh_trust::client::connect_lazy(ep, tls, expertmesh_trust::Expect::AnyWorker);
             let c = MoeLayerClient::new(ch)
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes);
@@ -124,8 +130,8 @@ mod tests {
 
     #[test]
     fn entries_are_checked() {
-        assert!(MoeClient::new(&[], Duration::from_secs(1), 1 << 20).is_err());
-        let e = MoeClient::new(&["not a host port".into()], Duration::from_secs(1), 1 << 20).unwrap_err();
+        assert!(MoeClient::new(&[], Duration::from_secs(1), 1 << 20, None).is_err());
+        let e = MoeClient::new(&["not a host port".into()], Duration::from_secs(1), 1 << 20, None).unwrap_err();
         assert!(e.contains("HOST:PORT"), "{e}");
     }
 }

@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     pub dispatcher: DispatcherConfig,
     /// How long a drain (SIGTERM) waits for the experts to move before leaving anyway.
     pub drain_timeout: Duration,
+    /// Mutual TLS of the worker's server (its calls carry their own: `control`, `dispatcher`).
+    pub tls: Option<expertmesh_trust::Tls>,
 }
 
 /// After the drain commits, keep serving this long so dispatchers that routed by the previous
@@ -281,6 +283,9 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     let backend = backend_for_device(&cfg.device)?;
     let device = measure_device(&backend, cfg.memory_bytes, cfg.tflops).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    if cfg.tls.is_none() && !expertmesh_trust::is_loopback(&listener.local_addr()?) {
+        warn!(addr = %listener.local_addr()?, "serving WITHOUT TLS on a non-loopback address: anyone who can reach this port can read and answer activations; give --tls-cert, --tls-key and --tls-ca");
+    }
     let addr = cfg.advertise.clone().unwrap_or(listener.local_addr()?.to_string());
     let info_msg = WorkerInfo {
         worker_id: cfg.worker_id.clone(),
@@ -340,12 +345,17 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         .max_concurrent_streams(Some(streams))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(expertmesh_trust::server::RequireAuthLayer)
         .add_service(health)
         .add_service(reflection)
         .add_service(
-            ExpertServiceServer::new(ExpertServiceImpl { store: store.clone(), admission: admission.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            ExpertServiceServer::new(ExpertServiceImpl {
+                store: store.clone(),
+                admission: admission.clone(),
+                mutual_tls: cfg.tls.is_some(),
+            })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .add_service(
             MoeLayerServer::new(MoeLayerImpl { dispatcher, admission: admission.clone() })
@@ -353,7 +363,10 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(
-            crate::admission::incoming(listener, admission.conns.clone()),
+            expertmesh_trust::server::incoming(
+                crate::admission::incoming(listener, admission.conns.clone()),
+                cfg.tls.clone(),
+            ),
             server_stop.clone().cancelled_owned(),
         );
     let server = tokio::spawn(server);

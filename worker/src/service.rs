@@ -24,6 +24,8 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use expertmesh_trust::{authorize, Need};
+
 use crate::admission::{Budget, Connections, PeerStreams};
 use crate::error::{Result, WorkerError};
 use crate::limits::{check_batch, check_finite_bytes, check_forward_shape, BatchShape, Limits, StreamCheck};
@@ -257,6 +259,9 @@ pub struct AdmissionConfig {
     /// A peer that does not read its answers for this long loses its connection
     /// (`--stall-timeout-ms`).
     pub stall_timeout: Duration,
+    /// A Compute stream whose peer sends nothing (no chunk, no end) for this long is closed
+    /// with DEADLINE_EXCEEDED (`--stream-idle-timeout-ms`).
+    pub stream_idle_timeout: Duration,
 }
 
 impl Default for AdmissionConfig {
@@ -269,6 +274,7 @@ impl Default for AdmissionConfig {
             max_connections: 1024,
             admission_wait: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -313,6 +319,8 @@ impl Admission {
 pub struct ExpertServiceImpl {
     pub store: Arc<ExpertStore>,
     pub admission: Arc<Admission>,
+    /// Whether the server requires mutual TLS (reported in Counters).
+    pub mutual_tls: bool,
 }
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<ExpertResult, Status>> + Send>>;
@@ -327,8 +335,9 @@ impl ExpertService for ExpertServiceImpl {
     /// The computer answers each chunk in order; a peer that stops reading its answers past the
     /// stall timeout loses its connection.
     async fn compute(&self, req: Request<Streaming<ExpertBatch>>) -> Result<Response<Self::ComputeStream>, Status> {
+        authorize(&req, "ExpertService.Compute", Need::Cluster)?;
         let adm = self.admission.clone();
-        let peer = req.remote_addr();
+        let peer = expertmesh_trust::peer_addr(&req);
         let deadline = grpc_deadline(req.metadata());
         let slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let mut inbound = req.into_inner();
@@ -341,7 +350,19 @@ impl ExpertService for ExpertServiceImpl {
             let (store, adm) = (store.clone(), adm.clone());
             tokio::spawn(async move {
                 let mut order = StreamCheck::new(store.spec(), &adm.cfg.limits);
-                while let Some(m) = inbound.next().await {
+                let idle = adm.cfg.stream_idle_timeout;
+                loop {
+                    let m = match tokio::time::timeout(idle, inbound.next()).await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(_) => {
+                            warn!(peer = ?peer, ?idle, "Compute stream sent nothing; closing it");
+                            Err(Status::deadline_exceeded(format!(
+                                "worker {}: the stream sent nothing for {idle:?} (--stream-idle-timeout-ms); closed",
+                                store.worker_id()
+                            )))
+                        }
+                    };
                     let item = match m {
                         Err(s) => Err(s),
                         Ok(b) => {
@@ -405,8 +426,15 @@ impl ExpertService for ExpertServiceImpl {
         Ok(Response::new(Box::pin(answers)))
     }
 
-    async fn counters(&self, _: Request<CountersRequest>) -> Result<Response<CountersResponse>, Status> {
-        Ok(Response::new(CountersResponse { worker_id: self.store.worker_id.clone(), experts: self.store.counters() }))
+    async fn counters(&self, req: Request<CountersRequest>) -> Result<Response<CountersResponse>, Status> {
+        authorize(&req, "ExpertService.Counters", Need::Cluster)?;
+        let (a, b) = expertmesh_trust::authz::refusals();
+        Ok(Response::new(CountersResponse {
+            worker_id: self.store.worker_id.clone(),
+            experts: self.store.counters(),
+            refused_calls: a + b,
+            mutual_tls: self.mutual_tls,
+        }))
     }
 }
 
@@ -470,9 +498,11 @@ impl MoeLayer for MoeLayerImpl {
     /// Idempotent: the same request always gets the same answer, so a caller may retry it on any
     /// worker (after UNAVAILABLE, or a broken connection).
     async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        authorize(&req, "MoeLayer.Forward", Need::Cluster)?;
         let adm = &self.admission;
         let deadline = grpc_deadline(req.metadata());
-        let _slot = adm.peers.acquire(req.remote_addr(), adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
+        let peer = expertmesh_trust::peer_addr(&req);
+        let _slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
         let spec = self.dispatcher.spec().clone();
         let r = req.get_ref();
         let (tokens, _) = forward_tokens(&spec, &adm.cfg.limits, r)?;
@@ -493,7 +523,8 @@ impl MoeLayer for MoeLayerImpl {
         }))
     }
 
-    async fn describe(&self, _: Request<DescribeRequest>) -> Result<Response<ModelDescription>, Status> {
+    async fn describe(&self, req: Request<DescribeRequest>) -> Result<Response<ModelDescription>, Status> {
+        authorize(&req, "MoeLayer.Describe", Need::Cluster)?;
         Ok(Response::new(describe(self.dispatcher.spec())))
     }
 }

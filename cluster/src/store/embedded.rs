@@ -26,7 +26,6 @@ struct Inner {
     revision: u64,
     kv: BTreeMap<String, (Vec<u8>, u64, Option<LeaseId>)>,
     leases: HashMap<LeaseId, Lease>,
-    next_lease: LeaseId,
     history: VecDeque<StoreEvent>,
 }
 
@@ -109,7 +108,7 @@ impl Inner {
 impl EmbeddedStore {
     /// A new store; when a tokio runtime is running, a sweeper task expires leases.
     pub fn new() -> Self {
-        let inner = Arc::new(Mutex::new(Inner { next_lease: 1, ..Default::default() }));
+        let inner = Arc::new(Mutex::new(Inner::default()));
         let events = broadcast::channel(HISTORY).0;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let weak: Weak<Mutex<Inner>> = Arc::downgrade(&inner);
@@ -184,8 +183,13 @@ impl MetadataStore for EmbeddedStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let mut g = self.lock()?;
-        let id = g.next_lease;
-        g.next_lease += 1;
+        // Not guessable (a peer that could name another's lease could revoke it), unique, > 0.
+        let id = loop {
+            let id = super::random_lease_id();
+            if !g.leases.contains_key(&id) {
+                break id;
+            }
+        };
         g.leases.insert(id, Lease { ttl, deadline: Instant::now() + ttl, keys: HashSet::new() });
         Ok(id)
     }

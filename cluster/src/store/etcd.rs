@@ -1,6 +1,8 @@
 //! The etcd v3 store (`etcd-client`): leases for membership, revisions and watches for
 //! placement, transactions for compare-and-put.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,16 +39,79 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 }
 
 impl EtcdStore {
-    /// Connect to `endpoints` (`host:port`).
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+    /// Connect to `endpoints` (`host:port`), over TLS with `tls`'s certificate when given.
+    pub async fn connect(endpoints: &[String], tls: Option<expertmesh_trust::Tls>) -> Result<Self> {
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(|e| ClusterError::Store(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
+        let fail = |e: etcd_client::Error| {
+            ClusterError::Store(format!("cannot connect to etcd at {}: {e}", endpoints.join(",")))
+        };
+        let client = match tls {
+            None => Client::connect(endpoints, Some(opts)).await.map_err(fail)?,
+            Some(tls) => {
+                for e in endpoints {
+                    expertmesh_core::limits::check_address("etcd endpoint", e).map_err(ClusterError::InvalidInput)?;
+                }
+                // One channel that dials the endpoints in turn (the first that completes TCP and
+                // TLS wins), each checked against its own host name.
+                let connector =
+                    Failover { tls, endpoints: Arc::new(endpoints.to_vec()), next: Arc::new(AtomicUsize::new(0)) };
+                let channel = tonic::transport::Endpoint::from_static("http://etcd")
+                    .connect_timeout(Duration::from_secs(3))
+                    .timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(2))
+                    .keep_alive_timeout(Duration::from_secs(2))
+                    .keep_alive_while_idle(true)
+                    .connect_with_connector_lazy(connector);
+                let c = Client::from_channel(etcd_client::Channel::Tonic(channel), Some(opts)).await.map_err(fail)?;
+                // Fail now, with the reason, rather than at the first call.
+                c.clone().status().await.map_err(fail)?;
+                c
+            }
+        };
         Ok(Self { client, endpoints: endpoints.to_vec() })
+    }
+}
+
+/// Dials etcd endpoints in turn over TLS (see [`EtcdStore::connect`]).
+#[derive(Debug, Clone)]
+struct Failover {
+    tls: expertmesh_trust::Tls,
+    endpoints: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl tower_service::Service<tonic::transport::Uri> for Failover {
+    type Response = <expertmesh_trust::client::TlsConnector as tower_service::Service<tonic::transport::Uri>>::Response;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: tonic::transport::Uri) -> Self::Future {
+        let me = self.clone();
+        Box::pin(async move {
+            let n = me.endpoints.len();
+            let start = me.next.fetch_add(1, Ordering::Relaxed);
+            let mut last = std::io::Error::other("no etcd endpoint");
+            for i in 0..n {
+                let ep = &me.endpoints[(start + i) % n];
+                let uri: tonic::transport::Uri = format!("http://{ep}")
+                    .parse()
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{ep}: {e}")))?;
+                let mut c = expertmesh_trust::client::TlsConnector::new(me.tls.clone(), expertmesh_trust::Expect::Host);
+                match tower_service::Service::call(&mut c, uri).await {
+                    Ok(io) => return Ok(io),
+                    Err(e) => last = std::io::Error::new(e.kind(), format!("{ep}: {e}")),
+                }
+            }
+            Err(last)
+        })
     }
 }
 
@@ -87,7 +152,9 @@ impl MetadataStore for EtcdStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let secs = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let r = self.client.clone().lease_grant(secs, None).await.map_err(|e| err("lease grant", e))?;
+        // Our own random id: etcd's are sequential per member, so guessable.
+        let opts = etcd_client::LeaseGrantOptions::new().with_id(super::random_lease_id());
+        let r = self.client.clone().lease_grant(secs, Some(opts)).await.map_err(|e| err("lease grant", e))?;
         Ok(r.id())
     }
 

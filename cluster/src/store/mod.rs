@@ -62,19 +62,47 @@ pub trait MetadataStore: Send + Sync + std::fmt::Debug {
     async fn watch(&self, prefix: &str, after: u64) -> Result<mpsc::Receiver<StoreEvent>>;
 }
 
-/// Open a store from a URL: `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`.
-pub async fn open_store(url: &str) -> Result<std::sync::Arc<dyn MetadataStore>> {
+/// A random lease id in 1..2^63: unique in practice and not guessable, so no peer can name
+/// another's lease (etcd takes the id we choose).
+pub(crate) fn random_lease_id() -> LeaseId {
+    let mut b = [0u8; 8];
+    // The OS generator does not fail on Linux once booted; a time-based fallback keeps the id
+    // unique if it ever did.
+    if getrandom::fill(&mut b).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.as_nanos() as u64).to_le_bytes();
+    }
+    ((u64::from_le_bytes(b) >> 1) as LeaseId).max(1)
+}
+
+/// Open a store from a URL: `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` (plaintext) or
+/// `etcds://HOST:PORT[,...]` (TLS with `tls`'s certificate, the etcd server's host name checked
+/// against its certificate).
+pub async fn open_store(url: &str, tls: Option<&expertmesh_trust::Tls>) -> Result<std::sync::Arc<dyn MetadataStore>> {
     if url == "embedded" || url.is_empty() {
         return Ok(std::sync::Arc::new(EmbeddedStore::new()));
     }
-    if let Some(rest) = url.strip_prefix("etcd://") {
-        let endpoints: Vec<String> = rest.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
-        if endpoints.is_empty() {
-            return Err(ClusterError::InvalidInput(format!("store `{url}` names no etcd endpoint")));
+    let (rest, secure) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+        (Some(r), _) => (r, false),
+        (_, Some(r)) => (r, true),
+        _ => {
+            return Err(ClusterError::InvalidInput(format!(
+                "unknown store `{url}`; expected `embedded`, `etcd://HOST:PORT[,HOST:PORT...]` or `etcds://HOST:PORT[,...]` (TLS)"
+            )))
         }
-        return Ok(std::sync::Arc::new(EtcdStore::connect(&endpoints).await?));
+    };
+    let endpoints: Vec<String> = rest.split(',').filter(|s| !s.is_empty()).map(String::from).collect();
+    if endpoints.is_empty() {
+        return Err(ClusterError::InvalidInput(format!("store `{url}` names no etcd endpoint")));
     }
-    Err(ClusterError::InvalidInput(format!(
-        "unknown store `{url}`; expected `embedded` or `etcd://HOST:PORT[,HOST:PORT...]`"
-    )))
+    let tls = match (secure, tls) {
+        (false, _) => None,
+        (true, Some(t)) => Some(t.clone()),
+        (true, None) => {
+            return Err(ClusterError::InvalidInput(format!(
+                "store `{url}` is reached over TLS and needs a client certificate: give --etcd-tls-cert, --etcd-tls-key and --etcd-tls-ca (or --tls-*)"
+            )))
+        }
+    };
+    Ok(std::sync::Arc::new(EtcdStore::connect(&endpoints, tls).await?))
 }

@@ -94,10 +94,11 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         store: etcd.url(),
         lease_ttl_ms: a.lease_ttl_ms,
         worker_threads: a.worker_threads,
+        tls: false,
     };
     let mut cluster = LocalCluster::start(model, &opts, &log_dir).await?;
     let stop = CancellationToken::new();
-    let target = ControlTarget::Store { url: etcd.url(), cluster: "default".into(), lease_ttl: ttl };
+    let target = ControlTarget::Store { url: etcd.url(), cluster: "default".into(), lease_ttl: ttl, tls: None };
     let dcfg = DispatcherConfig { placement_wait: Duration::from_secs(120), ..Default::default() };
     let d = connect_dispatcher(&target, ck.clone(), "cpu", dcfg, stop.clone()).await?;
     let table = d.route_table(None).await.context("waiting for the first placement")?;
@@ -159,7 +160,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
 
     let leader_of = |s: &expertmesh_proto::v1::ClusterStatusResponse| s.leader.clone();
     let coords = cluster.coordinators.join(",");
-    let mut status = connect_coordinator(&coords, Duration::from_secs(5)).await?;
+    let mut status = connect_coordinator(&coords, Duration::from_secs(5), None).await?;
     let before_status = status.cluster_status(ClusterStatusRequest {}).await?.into_inner();
     let epoch_before = before_status.current_epoch;
     let leader = leader_of(&before_status);
@@ -168,7 +169,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     // expired): the detection part of recovery.
     let detected = Arc::new(Mutex::new(None::<Instant>));
     {
-        let store = expertmesh_cluster::store::open_store(&etcd.url()).await?;
+        let store = expertmesh_cluster::store::open_store(&etcd.url(), None).await?;
         let key = expertmesh_cluster::keys::ClusterKeys::new("default").worker(&victim_id);
         let mut w = store.watch(&key, 0).await?;
         let detected = detected.clone();
@@ -195,7 +196,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
             let li = cluster.coordinators.iter().position(|c| *c == leader).context("no leader found")?;
             cluster.kill_coordinator(li).await;
             let standby = cluster.coordinators[1 - li].clone();
-            let mut s = connect_coordinator(&standby, Duration::from_secs(5)).await?;
+            let mut s = connect_coordinator(&standby, Duration::from_secs(5), None).await?;
             loop {
                 if s.cluster_status(ClusterStatusRequest {}).await?.into_inner().is_leader {
                     break Instant::now();
@@ -225,7 +226,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         let _ = c.await;
     }
     let t_end = Instant::now();
-    let after_status = connect_coordinator(&coords, Duration::from_secs(5))
+    let after_status = connect_coordinator(&coords, Duration::from_secs(5), None)
         .await?
         .cluster_status(ClusterStatusRequest {})
         .await?
