@@ -181,6 +181,15 @@ fn gen_model_refuses_full_size_and_explains() {
 
 #[test]
 fn up_runs_a_bounded_demo_and_reports() {
+    up_demo(false);
+}
+
+#[test]
+fn up_with_tls_runs_the_demo_over_mutual_tls() {
+    up_demo(true);
+}
+
+fn up_demo(tls: bool) {
     let logs = tempfile::tempdir().unwrap();
     let o = Command::new(BIN)
         .args([
@@ -200,12 +209,20 @@ fn up_runs_a_bounded_demo_and_reports() {
         ])
         .arg("--log-dir")
         .arg(logs.path())
+        .args(if tls { &["--tls"][..] } else { &[][..] })
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "up failed: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "up failed: {err}\n{out}");
     assert!(out.contains("tokens/s") && out.contains("p99 ms") && out.contains("worker-2"), "{out}");
     assert!(out.contains("0 errors"), "{out}");
+    assert_eq!(err.contains("mutual TLS on every link"), tls, "{err}");
+    // With --tls the driver dials every process over TLS only, so traffic without errors means
+    // the whole cluster spoke mutual TLS.
+    if tls {
+        assert!(logs.path().join("certs/worker.worker-2.pem").is_file());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

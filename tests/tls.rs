@@ -82,7 +82,19 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
     std::env::set_var("EXPERTMESH_TLS_RELOAD_MS", "200");
     let certs = tempfile::tempdir().unwrap();
     let c = certs.path();
-    expertmesh_trust::certs::generate(c, &["w0".into(), "w1".into()], &[]).unwrap();
+    // The certificates come from the CLI a user would run.
+    let out = std::process::Command::new(BIN)
+        .args(["certs", "--out", &c.display().to_string(), "--worker-ids", "w0,w1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for f in
+        ["ca.pem", "coordinator-key.pem", "admin.pem", "client.pem", "etcd.pem", "worker.w0.pem", "worker.w1-key.pem"]
+    {
+        assert!(c.join(f).is_file(), "expertmesh certs wrote no {f}");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(c.join("ca-key.pem")).unwrap().permissions().mode() & 0o077, 0, "keys are private");
     let etcd = Etcd::start_tls(c);
     let store = format!("etcds://{}", etcd.endpoint());
     let (dir, spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 71);

@@ -1080,7 +1080,9 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<ReportUnreachableRequest>,
     ) -> Result<Response<ReportUnreachableResponse>, Status> {
-        authorize(&req, "ReportUnreachable", Need::Worker(&req.get_ref().reporter))?;
+        // Any dispatcher may report (a worker's, or an engine's with a `client` certificate): the
+        // leader acts only on its own health check of the worker, never on the report alone.
+        authorize(&req, "ReportUnreachable", Need::Cluster)?;
         let r = req.into_inner();
         id_arg("report_unreachable", "worker_id", &r.worker_id)?;
         id_arg("report_unreachable", "reporter", &r.reporter)?;

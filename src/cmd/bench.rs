@@ -54,6 +54,10 @@ pub(crate) struct BenchArgs {
     /// process.
     #[arg(long)]
     pub(crate) via_worker: bool,
+    /// Run the local cluster with mutual TLS on every link (certificates generated into the
+    /// log directory), to measure what TLS costs.
+    #[arg(long)]
+    pub(crate) tls: bool,
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
     /// Inject a fault under steady traffic instead (etcd, 2 coordinators, workers registered in
@@ -206,7 +210,8 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     eprintln!("distributed: {} on loopback", a.workers);
     let stop = CancellationToken::new();
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
-    let opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
+    let mut opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
+    opts.tls = a.tls;
     let (cluster, dispatcher) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let d = if a.via_worker {
         Distributed::Entry(Arc::new(EntryClient::new(&cluster.workers[..1], &spec, cluster.tls.as_ref())?))
@@ -295,6 +300,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         "worker_devices": a.workers.devices(),
         "worker_compute_threads": a.worker_threads.unwrap_or(cpus),
         "wire_dtype": wire.name(),
+        "mutual_tls": a.tls,
         "iters": a.iters,
         "machine": {"cpus": cpus},
         "gemm_f32_peak_gflops": peak,

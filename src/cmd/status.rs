@@ -62,7 +62,8 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
             "{}",
             serde_json::json!({"current_epoch": s.current_epoch, "pending_epoch": s.pending_epoch,
                 "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
-                "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator, "workers": workers})
+                "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator,
+                "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "workers": workers})
         );
         return Ok(());
     }
@@ -76,6 +77,13 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
         if s.is_leader { "leading" } else { "standby" },
         if s.leader.is_empty() { "(none)" } else { &s.leader }
     );
+    if s.mutual_tls {
+        println!("mutual TLS: every call authenticated by certificate; {} refused so far", s.refused_calls);
+    } else {
+        println!(
+            "UNAUTHENTICATED: the coordinator runs without TLS; anyone who can reach its port can register workers, read this and drain workers (--tls-cert, --tls-key, --tls-ca: docs/operations.md)"
+        );
+    }
     for w in s.workers {
         let i = w.info.unwrap_or_default();
         println!(

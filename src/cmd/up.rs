@@ -67,6 +67,14 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
     let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let spec = d.spec().clone();
     let layers = spec.moe_layers();
+    if cluster.tls.is_some() {
+        eprintln!(
+            "mutual TLS on every link; certificates in {} (status: expertmesh status --coordinator {} --tls-cert {d}/admin.pem --tls-key {d}/admin-key.pem --tls-ca {d}/ca.pem)",
+            log_dir.join("certs").display(),
+            cluster.coordinator,
+            d = log_dir.join("certs").display()
+        );
+    }
     eprintln!(
         "cluster up: coordinator {}, workers {:?}; model {} ({} MoE layers x {} experts, top-{}, hidden {})",
         cluster.coordinator,

@@ -93,6 +93,9 @@ pub(crate) struct WorkerArgs {
     /// Open connections; more are closed at once.
     #[arg(long, default_value_t = 1024, env = env::MAX_CONNECTIONS)]
     pub(crate) max_connections: usize,
+    /// Open connections from one IP address; more are closed at once.
+    #[arg(long, default_value_t = 256, env = env::MAX_CONNECTIONS_PER_IP)]
+    pub(crate) max_connections_per_ip: usize,
     /// How long a request waits for room under a budget before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1_000, env = env::ADMISSION_WAIT_MS)]
     pub(crate) admission_wait_ms: u64,
@@ -176,6 +179,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
             forward_budget_bytes: a.max_forward_inflight_mib.max(1) << 20,
             max_streams_per_peer: a.max_streams_per_peer.max(1),
             max_connections: a.max_connections.max(1),
+            max_connections_per_ip: a.max_connections_per_ip.max(1),
             admission_wait: Duration::from_millis(a.admission_wait_ms),
             stall_timeout: Duration::from_millis(a.stall_timeout_ms.max(100)),
             stream_idle_timeout: Duration::from_millis(a.stream_idle_timeout_ms.max(100)),

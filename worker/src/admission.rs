@@ -152,10 +152,13 @@ struct Cut {
     waker: AtomicWaker,
 }
 
-/// Every open connection of a server, so one can be cut.
+/// Every open connection of a server, so one can be cut; at most `max` in all and `per_ip`
+/// from one IP address (so one peer cannot take every slot).
 #[derive(Debug)]
 pub struct Connections {
     max: usize,
+    per_ip: usize,
+    by_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     open: AtomicUsize,
     refused: AtomicU64,
     cut_total: AtomicU64,
@@ -163,9 +166,11 @@ pub struct Connections {
 }
 
 impl Connections {
-    pub fn new(max: usize) -> Arc<Self> {
+    pub fn new(max: usize, per_ip: usize) -> Arc<Self> {
         Arc::new(Self {
             max: max.max(1),
+            per_ip: per_ip.max(1),
+            by_ip: Mutex::new(HashMap::new()),
             open: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             cut_total: AtomicU64::new(0),
@@ -211,12 +216,41 @@ impl Connections {
             }
             return None;
         }
+        let from_ip = match self.by_ip.lock() {
+            Ok(mut m) => {
+                let n = m.entry(peer.ip()).or_default();
+                *n += 1;
+                *n
+            }
+            Err(_) => 1,
+        };
+        if from_ip > self.per_ip {
+            self.release_ip(peer.ip());
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            if self.refused.fetch_add(1, Ordering::Relaxed).is_multiple_of(100) {
+                warn!(%peer, per_ip = self.per_ip, "connection refused: this address has its maximum of connections open (--max-connections-per-ip)");
+            }
+            return None;
+        }
         let _ = stream.set_nodelay(true);
         let cut = Arc::new(Cut::default());
         if let Ok(mut m) = self.live.lock() {
             m.insert(peer, cut.clone());
         }
         Some(GuardedIo { inner: stream, cut, peer, conns: self.clone() })
+    }
+}
+
+impl Connections {
+    fn release_ip(&self, ip: std::net::IpAddr) {
+        if let Ok(mut m) = self.by_ip.lock() {
+            if let Some(n) = m.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&ip);
+                }
+            }
+        }
     }
 }
 
@@ -232,6 +266,7 @@ pub struct GuardedIo {
 impl Drop for GuardedIo {
     fn drop(&mut self) {
         self.conns.open.fetch_sub(1, Ordering::AcqRel);
+        self.conns.release_ip(self.peer.ip());
         if let Ok(mut m) = self.conns.live.lock() {
             if m.get(&self.peer).is_some_and(|c| Arc::ptr_eq(c, &self.cut)) {
                 m.remove(&self.peer);
@@ -354,7 +389,7 @@ mod tests {
         use tokio::io::AsyncReadExt;
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
-        let conns = Connections::new(1);
+        let conns = Connections::new(1, 8);
         let mut inc = Box::pin(incoming(l, conns.clone()));
         let _c1 = TcpStream::connect(addr).await.unwrap();
         let mut io = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
@@ -377,5 +412,31 @@ mod tests {
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
         assert_eq!(conns.open(), 0, "the dropped connection is forgotten");
         assert_eq!(conns.cut_total(), 1);
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_take_every_connection_slot() {
+        use tokio::io::AsyncReadExt;
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = Connections::new(10, 2);
+        let mut inc = Box::pin(incoming(l, conns.clone()));
+        let _c1 = TcpStream::connect(addr).await.unwrap();
+        let io1 = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        let _c2 = TcpStream::connect(addr).await.unwrap();
+        let _io2 = tokio_stream::StreamExt::next(&mut inc).await.unwrap().unwrap();
+        // A third from the same address is closed at once, though the server has room.
+        let mut c3 = TcpStream::connect(addr).await.unwrap();
+        let more = tokio::time::timeout(Duration::from_millis(200), tokio_stream::StreamExt::next(&mut inc));
+        assert!(more.await.is_err(), "no third connection from one address");
+        let mut buf = [0u8; 1];
+        assert_eq!(c3.read(&mut buf).await.unwrap_or(0), 0, "refused connection is closed");
+        assert_eq!((conns.open(), conns.refused()), (2, 1));
+        // One closes: the address may connect again.
+        drop(io1);
+        let _c4 = TcpStream::connect(addr).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), tokio_stream::StreamExt::next(&mut inc)).await;
+        let _io4 = r.unwrap().unwrap().unwrap();
+        assert_eq!(conns.open(), 2);
     }
 }

@@ -254,6 +254,8 @@ pub struct AdmissionConfig {
     pub max_streams_per_peer: usize,
     /// Open connections (`--max-connections`).
     pub max_connections: usize,
+    /// Open connections from one IP address (`--max-connections-per-ip`).
+    pub max_connections_per_ip: usize,
     /// How long a request waits for room before RESOURCE_EXHAUSTED (`--admission-wait-ms`).
     pub admission_wait: Duration,
     /// A peer that does not read its answers for this long loses its connection
@@ -272,6 +274,7 @@ impl Default for AdmissionConfig {
             forward_budget_bytes: 2 << 30,
             max_streams_per_peer: 64,
             max_connections: 1024,
+            max_connections_per_ip: 256,
             admission_wait: Duration::from_secs(1),
             stall_timeout: Duration::from_secs(10),
             stream_idle_timeout: Duration::from_secs(30),
@@ -298,7 +301,7 @@ impl Admission {
             compute: Budget::new(cfg.compute_budget_bytes, "in-flight activation", "--max-inflight-mib", &owner),
             forward: Budget::new(cfg.forward_budget_bytes, "in-flight Forward", "--max-forward-inflight-mib", &owner),
             peers: PeerStreams::new(cfg.max_streams_per_peer, &owner),
-            conns: Connections::new(cfg.max_connections),
+            conns: Connections::new(cfg.max_connections, cfg.max_connections_per_ip),
             refused: AtomicU64::new(0),
             cfg,
         })
