@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::cluster::{spawn, Proc, BIN};
+use common::cluster::{spawn, wait_exit, Proc, BIN};
 use common::etcd::Etcd;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
@@ -120,10 +120,12 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         workers.push(spawn(&a, "EXPERTMESH_WORKER_READY", &logs.path().join(format!("{id}.log"))));
     }
+    let log_files: Vec<std::path::PathBuf> =
+        std::iter::once(&coordinator).chain(&workers).map(|p| p.log.clone()).collect();
     let dump = || {
         let mut s = String::new();
-        for p in std::iter::once(&coordinator).chain(&workers) {
-            s.push_str(&format!("--- {}\n{}\n", p.log.display(), std::fs::read_to_string(&p.log).unwrap_or_default()));
+        for p in &log_files {
+            s.push_str(&format!("--- {}\n{}\n", p.display(), std::fs::read_to_string(p).unwrap_or_default()));
         }
         s
     };
@@ -307,5 +309,50 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         assert!(t.elapsed() < Duration::from_secs(30), "the rotated CA was not picked up:\n{}", dump());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // An operator drains w1 with the admin certificate: w1 moves its experts, revokes its own
+    // lease and leaves; w0 serves the whole layer, still correct.
+    let mut drain = std::process::Command::new(BIN);
+    drain.args(["drain", "w1", "--coordinator", &coordinator.addr, "--wait-s", "60"]).args(flags(c, "admin"));
+    let out = drain.output().unwrap();
+    assert!(out.status.success(), "drain: {}\n{}", String::from_utf8_lossy(&out.stderr), dump());
+    assert!(
+        wait_exit(&mut workers[1], Duration::from_secs(30)).is_some_and(|s| s.success()),
+        "w1 exits 0:\n{}",
+        dump()
+    );
+    let mut moe = MoeLayerClient::new(channel(&workers[0].addr, &client, Expect::AnyWorker).await);
+    let r = moe.forward(forward_req(&spec, layer, &x, &ids)).await.unwrap_or_else(|e| panic!("{e}\n{}", dump()));
+    let (out, _) = tensor_to_f32(r.get_ref().output.as_ref().unwrap(), "output").unwrap();
+    assert!(rel_l2_f32(&out, &want.output) < 1e-5);
+    let s = as_admin.cluster_status(ClusterStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(s.workers.len(), 1, "{s:?}");
     drop(etcd);
+}
+
+#[test]
+fn a_cluster_without_tls_says_it_is_unauthenticated() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 72);
+    let logs = tempfile::tempdir().unwrap();
+    let m = dir.path().display().to_string();
+    let log = logs.path().join("coordinator.log");
+    let p = spawn(&["coordinator", "--model", &m, "--listen", "0.0.0.0:0"], "EXPERTMESH_COORDINATOR_READY", &log);
+    let port = p.addr.rsplit_once(':').unwrap().1.to_string();
+    let addr = format!("127.0.0.1:{port}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("WITHOUT TLS on a non-loopback address"), "{text}");
+    let out = std::process::Command::new(BIN).args(["status", "--coordinator", &addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("UNAUTHENTICATED"));
+    let out = std::process::Command::new(BIN).args(["status", "--json", "--coordinator", &addr]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mutual_tls"], false);
+    // Half a TLS configuration is refused at start, naming what is missing.
+    let out = std::process::Command::new(BIN)
+        .args(["coordinator", "--model", &m, "--listen", "127.0.0.1:0", "--tls-cert", "/nonexistent.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing --tls-key, --tls-ca"), "{err}");
 }
