@@ -242,9 +242,21 @@ async fn health_and_reflection_are_served() {
     ] {
         let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
         let mut h = HealthClient::new(ch.clone());
+        // A worker turns SERVING once the first placement commits (tests/health.rs).
+        let t = std::time::Instant::now();
         for name in ["", service] {
-            let r = h.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner();
-            assert_eq!(r.status(), ServingStatus::Serving, "{addr} health of `{name}`");
+            loop {
+                let r = h.check(HealthCheckRequest { service: name.into() }).await.unwrap().into_inner();
+                if r.status() == ServingStatus::Serving {
+                    break;
+                }
+                assert!(
+                    t.elapsed() < std::time::Duration::from_secs(30),
+                    "{addr} health of `{name}`: {:?}",
+                    r.status()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
         }
         let mut refl = ServerReflectionClient::new(ch);
         let req = ServerReflectionRequest {

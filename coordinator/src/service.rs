@@ -679,6 +679,41 @@ impl CoordinatorCore {
         }
     }
 
+    async fn apply_health(self: Arc<Self>, r: &tonic_health::server::HealthReporter, store_ok: bool, leads: bool) {
+        use tonic_health::ServingStatus::{NotServing, Serving};
+        let s = |ok: bool| if ok { Serving } else { NotServing };
+        r.set_service_status("", s(store_ok)).await;
+        r.set_service_status(expertmesh_proto::COORDINATOR_SERVICE, s(store_ok)).await;
+        r.set_service_status(expertmesh_proto::LEADER_SERVICE, s(store_ok && leads)).await;
+    }
+
+    /// Keep the health service true: whether the store answers, whether this coordinator leads.
+    async fn report_health(self: Arc<Self>, r: tonic_health::server::HealthReporter, stop: CancellationToken) {
+        let mut last: Option<(bool, bool)> = None;
+        loop {
+            let store_ok = matches!(
+                tokio::time::timeout(Duration::from_secs(2), self.store.get(&self.keys.leader())).await,
+                Ok(Ok(_))
+            );
+            let now = (store_ok, self.is_leader());
+            if Some(now) != last {
+                if last.is_some_and(|l| l.0 != store_ok) {
+                    if store_ok {
+                        info!("health: SERVING (the store answers again)");
+                    } else {
+                        warn!("health: NOT_SERVING (the store does not answer)");
+                    }
+                }
+                self.clone().apply_health(&r, now.0, now.1).await;
+                last = Some(now);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
     /// Whether `lease` is the lease `worker`'s record is bound to. Lease ids are random and only
     /// ever reach the worker they were granted to; this makes a guessed one useless too.
     async fn owns_lease(&self, worker: &str, lease: u64) -> Result<bool> {
@@ -691,7 +726,7 @@ impl CoordinatorCore {
         // Over TLS the address must present `worker.<id>`: a registration cannot point the
         // cluster's traffic at someone else's server.
         let expect = Expect::Identity(Identity::Worker(id.clone()));
-        let r = expertmesh_proto::health_check(
+        let r = expertmesh_proto::reachable(
             &info.address,
             expertmesh_proto::EXPERT_SERVICE,
             Duration::from_secs(1),
@@ -737,7 +772,7 @@ impl CoordinatorCore {
     /// removed finds its lease gone and registers again.
     async fn check_suspect(self: Arc<Self>, id: String, reporter: String, address: Option<String>) {
         let alive = match &address {
-            Some(a) => expertmesh_proto::health_check(
+            Some(a) => expertmesh_proto::reachable(
                 a,
                 expertmesh_proto::EXPERT_SERVICE,
                 Duration::from_secs(1),
@@ -1202,7 +1237,11 @@ pub async fn serve(
         })
     };
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    // `""` and `expertmesh.v1.Coordinator`: SERVING while the store answers (checked every
+    // 500 ms); `expertmesh.v1.Coordinator.leader`: SERVING on the leader only.
+    let health_task = tokio::spawn(core.clone().report_health(health_reporter.clone(), stop_tasks.clone()));
+    core.clone().apply_health(&health_reporter, true, core.is_leader()).await;
+    health_reporter.set_service_status(expertmesh_proto::LIVE_SERVICE, tonic_health::ServingStatus::Serving).await;
     let reflection = expertmesh_proto::reflection_service().map_err(CoordinatorError::InvalidInput)?;
     info!(%addr, "coordinator serving");
     on_ready(addr);
@@ -1227,6 +1266,7 @@ pub async fn serve(
     stop_tasks.cancel();
     ticker.abort();
     mirror.abort();
+    health_task.abort();
     // Let the leader task release its lease so a standby takes over at once.
     let _ = tokio::time::timeout(Duration::from_secs(2), leader).await;
     Ok(())

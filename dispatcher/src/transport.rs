@@ -187,7 +187,9 @@ impl ExpertTransport for GrpcTransport {
 
     async fn probe(&self, address: &str, limit: Duration) -> Result<()> {
         let expect = expertmesh_trust::Expect::AnyWorker;
-        expertmesh_proto::health_check(address, expertmesh_proto::EXPERT_SERVICE, limit, self.tls.as_ref(), expect)
+        // Reachable is enough: a worker that answers NOT_SERVING (draining, between epochs)
+        // still computes the experts it holds.
+        expertmesh_proto::reachable(address, expertmesh_proto::EXPERT_SERVICE, limit, self.tls.as_ref(), expect)
             .await
             .map_err(|e| Error::Unavailable(format!("{address}: {e}")))
     }

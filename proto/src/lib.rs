@@ -27,8 +27,31 @@ pub fn reflection_service() -> Result<
         .map_err(|e| format!("building the reflection service: {e}"))
 }
 
-/// The gRPC health service name a worker reports for its expert service.
+/// The gRPC health service name a worker reports for its expert service: SERVING while it holds
+/// its experts of the committed placement, has its lease and is not draining.
 pub const EXPERT_SERVICE: &str = "expertmesh.v1.ExpertService";
+/// The health service name of a worker's `MoeLayer`: SERVING while a committed placement routes
+/// its calls, it has its lease and is not draining.
+pub const MOE_LAYER_SERVICE: &str = "expertmesh.v1.MoeLayer";
+/// SERVING as long as the process runs and answers (a liveness probe: never NOT_SERVING for
+/// draining, loading or an unreachable store, which readiness reports).
+pub const LIVE_SERVICE: &str = "expertmesh.live";
+/// The health service name of a coordinator: SERVING while it reaches the metadata store.
+pub const COORDINATOR_SERVICE: &str = "expertmesh.v1.Coordinator";
+/// SERVING on the coordinator that leads (plans and commits), NOT_SERVING on a standby.
+pub const LEADER_SERVICE: &str = "expertmesh.v1.Coordinator.leader";
+
+/// Whether the server at `address` answers its health service at all (whatever the status):
+/// it is up and reachable, and (over TLS) it is who was expected.
+pub async fn reachable(
+    address: &str,
+    service: &str,
+    limit: std::time::Duration,
+    tls: Option<&expertmesh_trust::Tls>,
+    expect: expertmesh_trust::Expect,
+) -> Result<(), String> {
+    health_status(address, service, limit, tls, expect).await.map(|_| ())
+}
 
 /// Ask the gRPC health service at `address` (`HOST:PORT`) whether `service` ("" for the whole
 /// server) is SERVING, within `limit`; over mutual TLS with `tls`, expecting `expect` there.
@@ -41,7 +64,21 @@ pub async fn health_check(
     tls: Option<&expertmesh_trust::Tls>,
     expect: expertmesh_trust::Expect,
 ) -> Result<(), String> {
-    use tonic_health::pb::health_check_response::ServingStatus;
+    match health_status(address, service, limit, tls, expect).await? {
+        tonic_health::ServingStatus::Serving => Ok(()),
+        other => Err(format!("{address} reports {other:?} for `{service}`")),
+    }
+}
+
+/// The status the health service at `address` reports for `service`, within `limit`.
+pub async fn health_status(
+    address: &str,
+    service: &str,
+    limit: std::time::Duration,
+    tls: Option<&expertmesh_trust::Tls>,
+    expect: expertmesh_trust::Expect,
+) -> Result<tonic_health::ServingStatus, String> {
+    use tonic_health::pb::health_check_response::ServingStatus as Pb;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let endpoint = expertmesh_trust::client::endpoint(address)?.connect_timeout(limit).timeout(limit);
@@ -58,10 +95,11 @@ pub async fn health_check(
                 }
             },
         )?;
-        match r.into_inner().status() {
-            ServingStatus::Serving => Ok(()),
-            other => Err(format!("{address} reports {other:?}")),
-        }
+        Ok(match r.into_inner().status() {
+            Pb::Serving => tonic_health::ServingStatus::Serving,
+            Pb::NotServing => tonic_health::ServingStatus::NotServing,
+            _ => tonic_health::ServingStatus::Unknown,
+        })
     };
     match tokio::time::timeout(limit, check).await {
         Ok(r) => r,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod limits;
 pub mod links;
 pub mod node;
+pub mod readiness;
 pub mod service;
 pub mod synth;
 

@@ -171,6 +171,7 @@ fn spawn_lease_keeper(
     store: Arc<ExpertStore>,
     ttl: Duration,
     stop: CancellationToken,
+    readiness: Arc<crate::readiness::Readiness>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new().name("expertmesh-lease".into()).spawn(move || {
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -198,6 +199,7 @@ fn spawn_lease_keeper(
                 let l = lease.load(Ordering::Acquire);
                 match control.keep_alive(&id, l).await {
                     Ok(true) => {
+                        readiness.set_lease_lost(false);
                         if failing {
                             info!(worker = %id, "lease renewed again");
                             failing = false;
@@ -205,8 +207,10 @@ fn spawn_lease_keeper(
                     }
                     Ok(false) => {
                         warn!(worker = %id, "lease lost; registering again");
+                        readiness.set_lease_lost(true);
                         match control.register(&info, store.epoch()).await {
                             Ok(r) => {
+                                readiness.set_lease_lost(false);
                                 lease.store(r.lease, Ordering::Release);
                                 info!(worker = %id, lease = r.lease, "registered again; serving on");
                             }
@@ -329,7 +333,17 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
 
     let server_stop = CancellationToken::new();
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ExpertServiceServer<ExpertServiceImpl>>().await;
+    // NOT_SERVING from the first answer until a committed placement places this worker.
+    let readiness = crate::readiness::Readiness::new();
+    let health_stop = CancellationToken::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        for s in ["", expertmesh_proto::EXPERT_SERVICE, expertmesh_proto::MOE_LAYER_SERVICE] {
+            health_reporter.set_service_status(s, tonic_health::ServingStatus::NotServing).await;
+        }
+        health_reporter.set_service_status(expertmesh_proto::LIVE_SERVICE, tonic_health::ServingStatus::Serving).await;
+    })
+    .await;
+    tokio::spawn(readiness.clone().report(health_reporter, health_stop.clone()));
     let reflection = expertmesh_proto::reflection_service().map_err(WorkerError::Internal)?;
     let admission = Admission::new(cfg.admission.clone(), &cfg.worker_id);
     let max = cfg.admission.limits.max_message_bytes;
@@ -382,6 +396,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         store.clone(),
         reg.ttl,
         tasks_stop.clone(),
+        readiness.clone(),
     )?;
     // Load reports.
     let reports = {
@@ -409,6 +424,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             (control.clone(), store.clone(), ck.clone(), backend.clone(), tasks_stop.clone(), links.clone());
         let id = cfg.worker_id.clone();
         let drained = drained.clone();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let mut pending: Option<(u64, HashSet<(u32, u32)>)> = None;
             let rc = c.clone();
@@ -416,6 +432,12 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 let mine = my_experts(&plan, &id);
                 let (store, ck, backend, id) = (store.clone(), ck.clone(), backend.clone(), id.clone());
                 let leaving = committed && plan.draining.contains(&id) && !plan.workers.iter().any(|w| w.worker_id == id);
+                if plan.draining.contains(&id) {
+                    readiness.set_draining();
+                }
+                if committed {
+                    readiness.set_committed(plan.workers.iter().any(|w| w.worker_id == id));
+                }
                 let mut keep = None;
                 if committed {
                     let mut k = mine.clone();
@@ -514,6 +536,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             let _ = tokio::time::timeout(Duration::from_secs(3), control.deregister(&id, l)).await;
         }
         Exit::Drain => {
+            readiness.set_draining();
             info!(worker = %id, deadline = ?cfg.drain_timeout, "draining: asking for the experts to move away");
             let deadline = tokio::time::Instant::now() + cfg.drain_timeout;
             let will_move = loop {
@@ -540,6 +563,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         }
         Exit::Drained => info!(worker = %id, "drained from outside; leaving"),
     }
+    readiness.set_draining();
     if !matches!(exit, Exit::Quit) && drained.is_cancelled() {
         tokio::select! {
             _ = tokio::time::sleep(DRAIN_GRACE) => {}
@@ -570,6 +594,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     reports.abort();
     follower.abort();
     reporter.abort();
+    health_stop.cancel();
     info!(worker = %id, "worker stopped");
     Ok(())
 }
