@@ -5,12 +5,14 @@
 #     (only a Recommends of protobuf-compiler, so --no-install-recommends leaves it out)
 #   etcd   (etcd-server):       the real metadata store the etcd tests start on loopback
 #   ip     (iproute2):          network namespaces and veth links for the partition test
+#   promtool (prometheus):      checks the metrics endpoints' text in the metrics test
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -2,12 +2,13 @@
 //! embedded or a real etcd), the key layout and value checks ([`keys`], [`validate`]), watches
 //! that open with a full snapshot and then stream every change with no gap ([`watch`]), and the
 //! control-plane client workers and dispatchers use ([`control`]: through a coordinator's gRPC
-//! API, or straight to the store).
+//! API, or straight to the store), and the Prometheus endpoint both roles serve ([`metrics_http`]).
 
 pub mod control;
 pub mod error;
 pub mod groups;
 pub mod keys;
+pub mod metrics_http;
 pub mod store;
 pub mod validate;
 pub mod watch;

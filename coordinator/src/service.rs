@@ -73,6 +73,8 @@ pub struct CoordinatorConfig {
     pub tls: Option<Tls>,
     /// The client certificate for an `etcds://` store.
     pub store_tls: Option<Tls>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -235,6 +237,20 @@ pub struct CoordinatorCore {
     checking: std::sync::Mutex<BTreeSet<String>>,
     /// New members whose health check is in progress.
     verifying: std::sync::Mutex<BTreeSet<String>>,
+    /// What a metrics scrape reads, refreshed with the health (every 200 ms).
+    gauges: Gauges,
+}
+
+/// The coordinator's metrics, as of the last health check.
+#[derive(Debug, Default)]
+struct Gauges {
+    store_ok: AtomicBool,
+    epoch: AtomicU64,
+    pending: AtomicU64,
+    registered: AtomicU64,
+    verified: AtomicU64,
+    ready: AtomicU64,
+    draining: AtomicU64,
 }
 
 impl CoordinatorCore {
@@ -250,6 +266,7 @@ impl CoordinatorCore {
             policy: Box::new(CapacitySpread),
             is_leader: AtomicBool::new(false),
             epoch_floor: AtomicU64::new(0),
+            gauges: Gauges::default(),
             checking: std::sync::Mutex::new(BTreeSet::new()),
             verifying: std::sync::Mutex::new(BTreeSet::new()),
         }))
@@ -696,6 +713,21 @@ impl CoordinatorCore {
                 Ok(Ok(_))
             );
             let now = (store_ok, self.is_leader());
+            {
+                let g = &self.gauges;
+                let st = self.state.lock().await;
+                let current = State::epoch_of(&st.current);
+                g.store_ok.store(store_ok, Ordering::Relaxed);
+                g.epoch.store(current, Ordering::Relaxed);
+                g.pending.store(State::epoch_of(&st.pending), Ordering::Relaxed);
+                g.registered.store(st.members.len() as u64, Ordering::Relaxed);
+                g.verified.store(st.members.values().filter(|m| m.verified).count() as u64, Ordering::Relaxed);
+                g.ready.store(
+                    st.members.values().filter(|m| current > 0 && m.ready_epoch >= current).count() as u64,
+                    Ordering::Relaxed,
+                );
+                g.draining.store(st.draining.len() as u64, Ordering::Relaxed);
+            }
             if Some(now) != last {
                 if last.is_some_and(|l| l.0 != store_ok) {
                     if store_ok {
@@ -712,6 +744,45 @@ impl CoordinatorCore {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+
+    /// The Prometheus exposition of this coordinator now.
+    pub fn render_metrics(&self) -> String {
+        use expertmesh_core::metrics::{names, Exposition, Kind};
+        let g = &self.gauges;
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let b = |x: bool| if x { 1.0 } else { 0.0 };
+        let (unauth, denied) = expertmesh_trust::authz::refusals();
+        let mut e = Exposition::new();
+        e.single(names::PLACEMENT_EPOCH, Kind::Gauge, "Committed placement epoch", v(&g.epoch))
+            .single(names::PLACEMENT_PENDING_EPOCH, Kind::Gauge, "Proposed placement epoch (0: none)", v(&g.pending))
+            .single(names::LEADER, Kind::Gauge, "1 on the coordinator that leads", b(self.is_leader()))
+            .single(
+                names::STORE_REACHABLE,
+                Kind::Gauge,
+                "1 while the metadata store answers",
+                b(g.store_ok.load(Ordering::Relaxed)),
+            )
+            .family(
+                names::WORKERS,
+                Kind::Gauge,
+                "Workers by state: registered, verified (health-checked), ready (loaded the committed epoch), draining",
+                &["state"],
+                [
+                    (vec!["registered".into()], v(&g.registered)),
+                    (vec!["verified".into()], v(&g.verified)),
+                    (vec!["ready".into()], v(&g.ready)),
+                    (vec!["draining".into()], v(&g.draining)),
+                ],
+            )
+            .family(
+                names::REFUSED_TOTAL,
+                Kind::Counter,
+                "Calls refused, by reason",
+                &["reason"],
+                [(vec!["unauthenticated".into()], unauth as f64), (vec!["permission_denied".into()], denied as f64)],
+            );
+        e.finish()
     }
 
     /// Whether `lease` is the lease `worker`'s record is bound to. Lease ids are random and only
@@ -1240,6 +1311,14 @@ pub async fn serve(
     // `""` and `expertmesh.v1.Coordinator`: SERVING while the store answers (checked every
     // 500 ms); `expertmesh.v1.Coordinator.leader`: SERVING on the leader only.
     let health_task = tokio::spawn(core.clone().report_health(health_reporter.clone(), stop_tasks.clone()));
+    if let Some(at) = core.cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| CoordinatorError::InvalidInput(format!("--metrics-listen {at}: cannot bind: {e}")))?;
+        let c = core.clone();
+        let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || c.render_metrics());
+        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, stop_tasks.clone()));
+    }
     core.clone().apply_health(&health_reporter, true, core.is_leader()).await;
     health_reporter.set_service_status(expertmesh_proto::LIVE_SERVICE, tonic_health::ServingStatus::Serving).await;
     let reflection = expertmesh_proto::reflection_service().map_err(CoordinatorError::InvalidInput)?;

@@ -6,6 +6,7 @@ pub mod dtype;
 pub mod error;
 pub mod gating;
 pub mod limits;
+pub mod metrics;
 pub mod placement;
 pub mod reference;
 pub mod rng;

@@ -180,6 +180,8 @@ pub struct Dispatcher {
     pruned_epoch: AtomicU64,
     /// Where to send the ids of workers this dispatcher could not reach.
     unreachable: OnceLock<mpsc::UnboundedSender<String>>,
+    /// Per model layer: (tokens, routed rows) dispatched.
+    dispatched: Vec<(AtomicU64, AtomicU64)>,
 }
 
 impl Dispatcher {
@@ -192,6 +194,7 @@ impl Dispatcher {
         table: RouteTableRx,
         cfg: DispatcherConfig,
     ) -> Self {
+        let layers = spec.num_layers;
         let health = Health::new(HedgeConfig {
             min: cfg.hedge_min,
             initial: Duration::from_secs(1).min(cfg.rpc_timeout),
@@ -209,6 +212,7 @@ impl Dispatcher {
             next_id: AtomicU64::new(1),
             pruned_epoch: AtomicU64::new(0),
             unreachable: OnceLock::new(),
+            dispatched: (0..layers).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
         }
     }
 
@@ -239,6 +243,16 @@ impl Dispatcher {
 
     pub fn stats(&self) -> &WireStats {
         &self.stats
+    }
+
+    /// (layer, tokens, routed rows) dispatched so far, for every layer that saw traffic.
+    pub fn dispatched(&self) -> Vec<(usize, u64, u64)> {
+        self.dispatched
+            .iter()
+            .enumerate()
+            .map(|(l, (t, r))| (l, t.load(Ordering::Relaxed), r.load(Ordering::Relaxed)))
+            .filter(|&(_, t, _)| t > 0)
+            .collect()
     }
 
     /// What this dispatcher knows about each destination.
@@ -385,6 +399,10 @@ impl Dispatcher {
         deadline: Instant,
     ) -> Result<(Vec<f32>, u64)> {
         let layer = inp.layer;
+        if let Some((t, r)) = self.dispatched.get(layer) {
+            t.fetch_add(inp.tokens as u64, Ordering::Relaxed);
+            r.fetch_add(expert_of.len() as u64, Ordering::Relaxed);
+        }
         let rid = self.next_id.fetch_add(1, Ordering::Relaxed);
         let current = self.table.borrow().clone();
         let table = match current {

@@ -41,6 +41,10 @@ pub(crate) struct CoordinatorArgs {
     /// the next plans for as long again, so it never blocks re-planning for the others.
     #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
     pub(crate) ready_timeout_ms: u64,
+    /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
+    /// served).
+    #[arg(long, env = env::METRICS_LISTEN)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
     #[command(flatten)]
@@ -69,6 +73,7 @@ pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
         ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
         tls,
         store_tls,
+        metrics_listen: a.metrics_listen,
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let ready = |addr| {

@@ -105,6 +105,10 @@ pub(crate) struct WorkerArgs {
     /// A Compute stream whose peer sends nothing for this long is closed.
     #[arg(long, default_value_t = 30_000, env = env::STREAM_IDLE_TIMEOUT_MS)]
     pub(crate) stream_idle_timeout_ms: u64,
+    /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
+    /// served).
+    #[arg(long, env = env::METRICS_LISTEN)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
     #[command(flatten)]
@@ -195,6 +199,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         },
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         tls,
+        metrics_listen: a.metrics_listen,
     };
     run_worker(cfg, worker_signals()).await?;
     Ok(())

@@ -8,6 +8,7 @@ pub mod client;
 pub mod error;
 pub mod limits;
 pub mod links;
+pub mod metrics;
 pub mod node;
 pub mod readiness;
 pub mod service;

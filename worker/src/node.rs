@@ -51,6 +51,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Mutual TLS of the worker's server (its calls carry their own: `control`, `dispatcher`).
     pub tls: Option<expertmesh_trust::Tls>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// After the drain commits, keep serving this long so dispatchers that routed by the previous
@@ -346,6 +348,21 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     tokio::spawn(readiness.clone().report(health_reporter, health_stop.clone()));
     let reflection = expertmesh_proto::reflection_service().map_err(WorkerError::Internal)?;
     let admission = Admission::new(cfg.admission.clone(), &cfg.worker_id);
+    let metrics = Arc::new(crate::metrics::WorkerMetrics::default());
+    if let Some(at) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(at)
+            .await
+            .map_err(|e| WorkerError::InvalidInput(format!("--metrics-listen {at}: cannot bind: {e}")))?;
+        let sources = crate::metrics::Sources {
+            metrics: metrics.clone(),
+            store: store.clone(),
+            dispatcher: dispatcher.clone(),
+            admission: admission.clone(),
+            readiness: readiness.clone(),
+        };
+        let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || crate::metrics::render(&sources));
+        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, health_stop.clone()));
+    }
     let max = cfg.admission.limits.max_message_bytes;
     // Windows a few chunks deep: enough to keep a link busy, small enough that a peer that
     // sends and never reads pins little. A stream count above the per-peer limit, so excess
@@ -367,14 +384,19 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 store: store.clone(),
                 admission: admission.clone(),
                 mutual_tls: cfg.tls.is_some(),
+                metrics: metrics.clone(),
             })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
         )
         .add_service(
-            MoeLayerServer::new(MoeLayerImpl { dispatcher, admission: admission.clone() })
-                .max_decoding_message_size(max)
-                .max_encoding_message_size(max),
+            MoeLayerServer::new(MoeLayerImpl {
+                dispatcher: dispatcher.clone(),
+                admission: admission.clone(),
+                metrics: metrics.clone(),
+            })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(
             expertmesh_trust::server::incoming(

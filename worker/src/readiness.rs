@@ -66,6 +66,10 @@ impl Readiness {
         self.set(&self.placed, placed);
     }
 
+    pub fn lease_lost(&self) -> bool {
+        self.lease_lost.load(Ordering::Acquire)
+    }
+
     /// (ExpertService, MoeLayer) SERVING?
     pub fn serving(&self) -> (bool, bool) {
         let up = !self.lease_lost.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire);

@@ -50,6 +50,8 @@ pub struct ExpertStore {
     layers: RwLock<Arc<LayerMap>>,
     /// Tokens computed, index layer * n_routed + expert.
     counters: Vec<AtomicU64>,
+    /// Seconds per computed chunk, queued to done.
+    compute_seconds: expertmesh_core::metrics::Histogram,
 }
 
 impl ExpertStore {
@@ -62,7 +64,12 @@ impl ExpertStore {
             epoch: AtomicU64::new(0),
             layers: RwLock::new(Arc::new(HashMap::new())),
             counters: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            compute_seconds: expertmesh_core::metrics::Histogram::new(&expertmesh_core::metrics::LATENCY_BUCKETS),
         }
+    }
+
+    pub fn compute_seconds(&self) -> &expertmesh_core::metrics::Histogram {
+        &self.compute_seconds
     }
 
     pub fn worker_id(&self) -> &str {
@@ -208,6 +215,7 @@ impl ExpertStore {
             "chunk computed"
         );
         self.count(b.layer, &b.experts, &b.rows);
+        self.compute_seconds.observe(queued.elapsed().as_secs_f64());
         Ok(ExpertResult { chunk: b.chunk, dtype: dtype_to_proto(dtype), rows: rows as u32, data: out })
     }
 }
@@ -307,6 +315,11 @@ impl Admission {
         })
     }
 
+    /// Requests refused at admission (RESOURCE_EXHAUSTED).
+    pub fn refused_total(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
     /// Count a refusal and turn it into the status the caller gets.
     fn refuse(&self, e: WorkerError) -> Status {
         if matches!(e, WorkerError::ResourceExhausted(_)) {
@@ -324,6 +337,7 @@ pub struct ExpertServiceImpl {
     pub admission: Arc<Admission>,
     /// Whether the server requires mutual TLS (reported in Counters).
     pub mutual_tls: bool,
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 type ResultStream = Pin<Box<dyn Stream<Item = Result<ExpertResult, Status>> + Send>>;
@@ -338,11 +352,17 @@ impl ExpertService for ExpertServiceImpl {
     /// The computer answers each chunk in order; a peer that stops reading its answers past the
     /// stall timeout loses its connection.
     async fn compute(&self, req: Request<Streaming<ExpertBatch>>) -> Result<Response<Self::ComputeStream>, Status> {
-        authorize(&req, "ExpertService.Compute", Need::Cluster)?;
+        const SERVICE: &str = "ExpertService.Compute";
+        let metrics = self.metrics.clone();
+        let counted = |s: Status| {
+            metrics.error(SERVICE, &s);
+            s
+        };
+        authorize(&req, SERVICE, Need::Cluster).map_err(counted)?;
         let adm = self.admission.clone();
         let peer = expertmesh_trust::peer_addr(&req);
         let deadline = grpc_deadline(req.metadata());
-        let slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| adm.refuse(e))?;
+        let slot = adm.peers.acquire(peer, adm.cfg.admission_wait).await.map_err(|e| counted(adm.refuse(e)))?;
         let mut inbound = req.into_inner();
         // An answer keeps its chunk's reservation until the transport takes it off this queue:
         // answers a peer does not read stay inside the budget.
@@ -408,6 +428,9 @@ impl ExpertService for ExpertServiceImpl {
                     Err(s) => (Err(s), None),
                 };
                 let failed = r.is_err();
+                if let Err(s) = &r {
+                    metrics.error(SERVICE, s);
+                }
                 match tokio::time::timeout(adm.cfg.stall_timeout, tx.send((r, permit))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break, // the caller went away (cancelled, or a hedge won)
@@ -446,6 +469,7 @@ impl ExpertService for ExpertServiceImpl {
 pub struct MoeLayerImpl {
     pub dispatcher: Arc<Dispatcher>,
     pub admission: Arc<Admission>,
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 /// Bytes one Forward of `tokens` tokens holds while it is dispatched: its input, the routed rows
@@ -501,6 +525,23 @@ impl MoeLayer for MoeLayerImpl {
     /// Idempotent: the same request always gets the same answer, so a caller may retry it on any
     /// worker (after UNAVAILABLE, or a broken connection).
     async fn forward(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
+        let t = Instant::now();
+        let r = self.forward_inner(req).await;
+        self.metrics.forward.observe(t.elapsed().as_secs_f64());
+        if let Err(s) = &r {
+            self.metrics.error("MoeLayer.Forward", s);
+        }
+        r
+    }
+
+    async fn describe(&self, req: Request<DescribeRequest>) -> Result<Response<ModelDescription>, Status> {
+        authorize(&req, "MoeLayer.Describe", Need::Cluster)?;
+        Ok(Response::new(describe(self.dispatcher.spec())))
+    }
+}
+
+impl MoeLayerImpl {
+    async fn forward_inner(&self, req: Request<ForwardRequest>) -> Result<Response<ForwardResponse>, Status> {
         authorize(&req, "MoeLayer.Forward", Need::Cluster)?;
         let adm = &self.admission;
         let deadline = grpc_deadline(req.metadata());
@@ -524,11 +565,6 @@ impl MoeLayer for MoeLayerImpl {
             topk_weights: Some(f32_tensor(&[tokens, k], &out.routing.weights)),
             epoch: out.epoch,
         }))
-    }
-
-    async fn describe(&self, req: Request<DescribeRequest>) -> Result<Response<ModelDescription>, Status> {
-        authorize(&req, "MoeLayer.Describe", Need::Cluster)?;
-        Ok(Response::new(describe(self.dispatcher.spec())))
     }
 }
 
