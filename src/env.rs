@@ -42,5 +42,6 @@ pub(crate) const TLS_IDENTITY_MAP: &str = "EXPERTMESH_TLS_IDENTITY_MAP";
 pub(crate) const ETCD_TLS_CERT: &str = "EXPERTMESH_ETCD_TLS_CERT";
 pub(crate) const ETCD_TLS_KEY: &str = "EXPERTMESH_ETCD_TLS_KEY";
 pub(crate) const ETCD_TLS_CA: &str = "EXPERTMESH_ETCD_TLS_CA";
+pub(crate) const CONTROL_WAIT_MS: &str = "EXPERTMESH_CONTROL_WAIT_MS";
 pub(crate) const METRICS_LISTEN: &str = "EXPERTMESH_METRICS_LISTEN";
 pub(crate) const STREAM_IDLE_TIMEOUT_MS: &str = "EXPERTMESH_STREAM_IDLE_TIMEOUT_MS";

@@ -107,3 +107,55 @@ async fn a_coordinator_reports_its_store_and_its_leadership() {
         until(c, "", Serving, Duration::from_secs(30), &dump).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_that_comes_back_with_its_id_rejoins() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 83);
+    let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
+    cluster.add_worker("w0", &[]);
+    cluster.add_worker("w1", &[]);
+    let logs = || cluster.dump_logs();
+    let w1 = cluster.workers[1].addr.clone();
+    until(&w1, EXPERT_SERVICE, Serving, Duration::from_secs(30), &logs).await;
+    let c = cluster.coordinator.addr.clone();
+    let out = std::process::Command::new(common::cluster::BIN)
+        .args(["drain", "w1", "--coordinator", &c, "--wait-s", "60"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let i = cluster.worker_index("w1");
+    assert!(wait_exit(&mut cluster.workers[i], Duration::from_secs(30)).is_some(), "w1 leaves");
+    // The same id comes back (a StatefulSet restarting its pod): it is placed again and stays.
+    cluster.workers.remove(i);
+    cluster.add_worker("w1", &[]);
+    let w1 = cluster.workers.last().unwrap().addr.clone();
+    let logs = || cluster.dump_logs();
+    until(&w1, EXPERT_SERVICE, Serving, Duration::from_secs(30), &logs).await;
+    std::thread::sleep(Duration::from_secs(2));
+    let j = cluster.worker_index("w1");
+    assert!(alive(&mut cluster.workers[j]), "w1 stays\n{}", cluster.dump_logs());
+    let v = status_json(&c);
+    let held =
+        v["workers"].as_array().unwrap().iter().find(|w| w["worker_id"] == "w1").unwrap()["experts_held"].clone();
+    assert!(held.as_u64().unwrap() > 0, "{v}");
+    // An unchanged member is announced once, not on every resync.
+    let text = std::fs::read_to_string(&cluster.coordinator.log).unwrap();
+    assert_eq!(text.matches("worker joined").count(), 3, "w0, w1, and w1 again:\n{text}");
+}
+
+#[test]
+fn a_worker_whose_coordinator_stays_away_says_so_and_exits_after_its_deadline() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let t = Instant::now();
+    let out = std::process::Command::new(common::cluster::BIN)
+        .args(["worker", "--coordinator", &dead, "--id", "w9", "--control-wait-ms", "4000"])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("control plane unreachable after 4s") && err.contains(&dead), "{err}");
+    assert!(took < Duration::from_secs(20), "gave up after {took:?}");
+    // Said plainly, not once per try: one line for the outage (then one every 30 s).
+    assert_eq!(err.matches("cannot reach the control plane").count(), 1, "{err}");
+}

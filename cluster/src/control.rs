@@ -37,6 +37,14 @@ impl ControlTarget {
     pub fn coordinator(addrs: impl Into<String>) -> Self {
         Self::Coordinator { addrs: addrs.into(), tls: None }
     }
+
+    /// "coordinator HOST:PORT" or "store etcd://...", for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Coordinator { addrs, .. } => format!("coordinator {addrs}"),
+            Self::Store { url, .. } => format!("store {url}"),
+        }
+    }
 }
 
 /// What registering gave the worker.
@@ -46,6 +54,9 @@ pub struct Registration {
     pub ttl: Duration,
     pub model_config_json: String,
     pub model_dir: String,
+    /// The highest placement epoch when the worker registered: plans up to it that list the
+    /// worker as draining are about an earlier process with its id.
+    pub placement_epoch: u64,
 }
 
 /// Membership, readiness, drains and placement events, whichever way they travel.
@@ -77,9 +88,12 @@ pub trait ControlPlane: Send + Sync + std::fmt::Debug {
     async fn watch_placement(&self) -> Result<mpsc::Receiver<PlacementEvent>>;
 }
 
-/// Connect to the control plane, retrying until `deadline`.
+/// Connect to the control plane, retrying (backing off with jitter, 200 ms to 5 s) until
+/// `deadline`; says so once, then every 30 s, while it cannot.
 pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Result<Arc<dyn ControlPlane>> {
     let start = std::time::Instant::now();
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut log = crate::backoff::LogEvery::new(Duration::from_secs(30));
     loop {
         let attempt: Result<Arc<dyn ControlPlane>> = match target {
             ControlTarget::Coordinator { addrs, tls } => {
@@ -91,10 +105,18 @@ pub async fn connect_control(target: &ControlTarget, deadline: Duration) -> Resu
                 .map_err(|e| ClusterError::Unavailable(e.to_string())),
         };
         match attempt {
-            Ok(c) => return Ok(c),
+            Ok(c) => {
+                if let Some(down) = log.recovered() {
+                    tracing::info!(after = ?down, "control plane reached");
+                }
+                return Ok(c);
+            }
             Err(e) if start.elapsed() < deadline => {
-                warn!(target = ?target, error = %e, "control plane not reachable yet; retrying");
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                if let Some(down) = log.failed() {
+                    let left = deadline.saturating_sub(start.elapsed());
+                    warn!(target = %target.describe(), error = %e, for_s = down.as_secs(), gives_up_in_s = left.as_secs(), "cannot reach the control plane; retrying");
+                }
+                tokio::time::sleep(backoff.delay()).await;
             }
             Err(e) => {
                 return Err(ClusterError::Unavailable(format!("control plane unreachable after {deadline:?}: {e}")))
@@ -111,6 +133,7 @@ pub async fn connect_coordinator(
     tls: Option<&expertmesh_trust::Tls>,
 ) -> Result<CoordinatorClient<Channel>> {
     let start = std::time::Instant::now();
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         let last = match first_coordinator(addrs, tls).await {
             Ok(c) => return Ok(c.client),
@@ -121,7 +144,7 @@ pub async fn connect_coordinator(
                 "no coordinator of `{addrs}` reachable after {deadline:?}: {last}"
             )));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(backoff.delay()).await;
     }
 }
 
@@ -176,6 +199,7 @@ impl ControlPlane for GrpcControl {
             ttl: Duration::from_millis(r.ttl_ms.max(300) as u64),
             model_config_json: r.model_config_json,
             model_dir: r.model_dir,
+            placement_epoch: r.placement_epoch,
         })
     }
 
@@ -288,11 +312,19 @@ impl ControlPlane for StoreControl {
         }
         let lease = self.store.grant_lease(self.ttl).await.map_err(store_err)?;
         self.store.put(&key, info.encode_to_vec(), Some(lease)).await.map_err(store_err)?;
+        let mut placement_epoch = 0;
+        for k in [self.keys.current(), self.keys.pending()] {
+            if let Some(kv) = self.store.get(&k).await.map_err(store_err)? {
+                let e = String::from_utf8_lossy(&kv.value).trim().parse::<u64>().unwrap_or(0);
+                placement_epoch = placement_epoch.max(e);
+            }
+        }
         Ok(Registration {
             lease: lease as u64,
             ttl: self.ttl,
             model_config_json: String::from_utf8_lossy(&config.value).into_owned(),
             model_dir: dir.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).unwrap_or_default(),
+            placement_epoch,
         })
     }
 

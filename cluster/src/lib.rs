@@ -4,6 +4,7 @@
 //! control-plane client workers and dispatchers use ([`control`]: through a coordinator's gRPC
 //! API, or straight to the store), and the Prometheus endpoint both roles serve ([`metrics_http`]).
 
+pub mod backoff;
 pub mod control;
 pub mod error;
 pub mod groups;

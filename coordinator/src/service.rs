@@ -239,6 +239,9 @@ pub struct CoordinatorCore {
     verifying: std::sync::Mutex<BTreeSet<String>>,
     /// What a metrics scrape reads, refreshed with the health (every 200 ms).
     gauges: Gauges,
+    /// Members whose arrival was logged, as they registered: a resync that reads an unchanged
+    /// member again logs nothing at info.
+    announced: std::sync::Mutex<HashMap<String, WorkerInfo>>,
 }
 
 /// The coordinator's metrics, as of the last health check.
@@ -267,6 +270,7 @@ impl CoordinatorCore {
             is_leader: AtomicBool::new(false),
             epoch_floor: AtomicU64::new(0),
             gauges: Gauges::default(),
+            announced: std::sync::Mutex::new(HashMap::new()),
             checking: std::sync::Mutex::new(BTreeSet::new()),
             verifying: std::sync::Mutex::new(BTreeSet::new()),
         }))
@@ -312,7 +316,15 @@ impl CoordinatorCore {
                         if m.info.worker_id != id {
                             m.invalid = Some(format!("stored under id `{id}` but names itself `{}`", m.info.worker_id));
                         }
+                        let fresh = self
+                            .announced
+                            .lock()
+                            .map(|mut a| a.insert(id.clone(), m.info.clone()).as_ref() != Some(&m.info))
+                            .unwrap_or(true);
                         match &m.invalid {
+                            None if !fresh => {
+                                debug!(worker = %id, "member read again, unchanged")
+                            }
                             None => {
                                 info!(worker = %id, address = %m.info.address, "worker joined; checking its health before placing it")
                             }
@@ -326,6 +338,9 @@ impl CoordinatorCore {
                 }
             }
             (Key::Worker(id), None) if st.members.remove(&id).is_some() => {
+                if let Ok(mut a) = self.announced.lock() {
+                    a.remove(&id);
+                }
                 info!(worker = %id, "worker left (lease revoked or expired)");
                 st.touch();
             }
@@ -988,8 +1003,10 @@ impl Coordinator for CoordinatorService {
         let c = &self.core;
         c.epoch_floor.fetch_max(req.epoch, Ordering::AcqRel);
         let key = c.keys.worker(&info.worker_id);
+        let mut unchanged = false;
         if let Some(old) = c.store.get(&key).await.map_err(Status::from)? {
             // Registering again (lease lost, or restarted): the old lease goes with its keys.
+            unchanged = WorkerInfo::decode(old.value.as_slice()).is_ok_and(|o| o == info);
             if old.lease != 0 {
                 c.store.revoke(old.lease).await.map_err(Status::from)?;
             }
@@ -997,14 +1014,20 @@ impl Coordinator for CoordinatorService {
         let lease_id = c.store.grant_lease(c.cfg.lease_ttl).await.map_err(Status::from)?;
         let bytes = info.encode_to_vec();
         c.store.put(&key, bytes.clone(), Some(lease_id)).await.map_err(Status::from)?;
-        info!(worker = %info.worker_id, address = %info.address, lease = lease_id, "worker registered");
+        if unchanged {
+            debug!(worker = %info.worker_id, lease = lease_id, "worker registered again, unchanged");
+        } else {
+            info!(worker = %info.worker_id, address = %info.address, lease = lease_id, "worker registered");
+        }
         let mut st = c.state.lock().await;
         c.apply(&mut st, &key, Some(&bytes));
+        let placement_epoch = State::epoch_of(&st.current).max(State::epoch_of(&st.pending));
         Ok(Response::new(RegisterResponse {
             lease_id: lease_id as u64,
             ttl_ms: c.cfg.lease_ttl.as_millis() as u32,
             model_config_json: c.cfg.model_config_json.clone(),
             model_dir: c.cfg.model_dir.clone(),
+            placement_epoch,
         }))
     }
 

@@ -105,6 +105,10 @@ pub(crate) struct WorkerArgs {
     /// A Compute stream whose peer sends nothing for this long is closed.
     #[arg(long, default_value_t = 30_000, env = env::STREAM_IDLE_TIMEOUT_MS)]
     pub(crate) stream_idle_timeout_ms: u64,
+    /// How long a starting worker keeps trying to reach its coordinator (or store) before it
+    /// exits non-zero saying why; once registered it serves on through outages.
+    #[arg(long, default_value_t = 30_000, env = env::CONTROL_WAIT_MS)]
+    pub(crate) control_wait_ms: u64,
     /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
     /// served).
     #[arg(long, env = env::METRICS_LISTEN)]
@@ -200,6 +204,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         tls,
         metrics_listen: a.metrics_listen,
+        control_wait: Duration::from_millis(a.control_wait_ms),
     };
     run_worker(cfg, worker_signals()).await?;
     Ok(())

@@ -53,6 +53,8 @@ pub struct WorkerConfig {
     pub tls: Option<expertmesh_trust::Tls>,
     /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// How long a starting worker waits for its control plane before it exits.
+    pub control_wait: Duration,
 }
 
 /// After the drain commits, keep serving this long so dispatchers that routed by the previous
@@ -80,6 +82,7 @@ pub async fn follow_placement<F, Fut>(
     Fut: std::future::Future<Output = ()>,
 {
     let mut failing = false;
+    let mut backoff = expertmesh_cluster::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let feed = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -91,6 +94,7 @@ pub async fn follow_placement<F, Fut>(
                     info!("placement feed back; following again");
                     failing = false;
                 }
+                backoff.reset();
                 loop {
                     let ev = tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -117,7 +121,7 @@ pub async fn follow_placement<F, Fut>(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+            _ = tokio::time::sleep(backoff.delay()) => {}
         }
     }
 }
@@ -151,12 +155,16 @@ async fn register_with_retry(
     deadline: Duration,
 ) -> Result<Registration> {
     let start = std::time::Instant::now();
+    let mut backoff = expertmesh_cluster::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut log = expertmesh_cluster::backoff::LogEvery::new(Duration::from_secs(30));
     loop {
         match control.register(info, 0).await {
             Ok(r) => return Ok(r),
             Err(e) if start.elapsed() < deadline => {
-                warn!(error = %e, "cannot register yet; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if log.failed().is_some() {
+                    warn!(error = %e, gives_up_in_s = deadline.saturating_sub(start.elapsed()).as_secs(), "cannot register yet; retrying");
+                }
+                tokio::time::sleep(backoff.delay()).await;
             }
             Err(e) => return Err(from_cluster(e)),
         }
@@ -299,8 +307,10 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         node: cfg.node.clone(),
         devices: vec![device],
     };
-    let control = connect_control(&cfg.control, Duration::from_secs(30)).await.map_err(from_cluster)?;
-    let reg = register_with_retry(&control, &info_msg, Duration::from_secs(30)).await?;
+    // A starting worker waits `control_wait` for its control plane, then exits saying why; once
+    // registered it serves on and retries without a deadline.
+    let control = connect_control(&cfg.control, cfg.control_wait).await.map_err(from_cluster)?;
+    let reg = register_with_retry(&control, &info_msg, cfg.control_wait).await?;
     let model_dir = cfg.model.clone().unwrap_or_else(|| PathBuf::from(&reg.model_dir));
     let ck = Arc::new(Checkpoint::open(&model_dir)?);
     let theirs = expertmesh_core::ModelSpec::from_config_json(&reg.model_config_json)?;
@@ -447,14 +457,18 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         let id = cfg.worker_id.clone();
         let drained = drained.clone();
         let readiness = readiness.clone();
+        // Plans up to this epoch that list our id as draining are about an earlier process
+        // with this id (drained, then restarted: a StatefulSet pod, a systemd unit).
+        let joined_epoch = reg.placement_epoch;
         tokio::spawn(async move {
             let mut pending: Option<(u64, HashSet<(u32, u32)>)> = None;
             let rc = c.clone();
             follow_placement(c, table_tx, stop, move |plan, committed| {
                 let mine = my_experts(&plan, &id);
                 let (store, ck, backend, id) = (store.clone(), ck.clone(), backend.clone(), id.clone());
-                let leaving = committed && plan.draining.contains(&id) && !plan.workers.iter().any(|w| w.worker_id == id);
-                if plan.draining.contains(&id) {
+                let drains_us = plan.draining.contains(&id) && plan.epoch > joined_epoch;
+                let leaving = committed && drains_us && !plan.workers.iter().any(|w| w.worker_id == id);
+                if drains_us {
                     readiness.set_draining();
                 }
                 if committed {
