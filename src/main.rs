@@ -16,7 +16,7 @@ struct Cli {
     #[arg(long, global = true, env = env::LOG)]
     log: Option<String>,
     /// Log format: `text` or `json`.
-    #[arg(long, global = true, default_value = "text", env = env::LOG_FORMAT)]
+    #[arg(long, global = true, default_value = "text", env = env::LOG_FORMAT, value_parser = ["text", "json"])]
     log_format: String,
     /// Threads of this process's compute pool (expert FFNs, gating, combine; default: one per
     /// core). Processes sharing a machine may split its cores.
@@ -58,9 +58,26 @@ enum Cmd {
     Certs(cmd::certs::CertsArgs),
 }
 
-fn init_tracing(cli: &Cli, default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(cli.log.clone().unwrap_or_else(|| default.to_string()))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+fn init_tracing(cli: &Cli, default: &str) -> Result<()> {
+    // tracing takes any bare word as a target name; a bare word here is meant as a level.
+    if let Some(bad) = cli.log.as_deref().unwrap_or("").split(',').map(str::trim).find(|d| {
+        !d.is_empty()
+            && !d.contains('=')
+            && !d.contains("::")
+            && !d.contains('_')
+            && !["trace", "debug", "info", "warn", "error", "off"].contains(&d.to_ascii_lowercase().as_str())
+    }) {
+        anyhow::bail!("--log: `{bad}` is not a level; expected trace, debug, info, warn, error or off, or TARGET=LEVEL (e.g. `warn,expertmesh_worker=debug`)");
+    }
+    let filter = match tracing_subscriber::EnvFilter::try_new(cli.log.clone().unwrap_or_else(|| default.to_string())) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(anyhow::anyhow!(
+                "--log `{}`: not a log filter ({e}); expected e.g. `info`, `warn,expertmesh_worker=debug`",
+                cli.log.clone().unwrap_or_default()
+            ))
+        }
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -70,6 +87,7 @@ fn init_tracing(cli: &Cli, default: &str) {
     } else {
         b.init();
     }
+    Ok(())
 }
 
 fn main() -> std::process::ExitCode {
@@ -87,7 +105,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::Worker(_));
-    init_tracing(&cli, if server { "info" } else { "warn" });
+    init_tracing(&cli, if server { "info" } else { "warn" })?;
     expertmesh_dispatcher::compute::init_pool(cli.compute_threads)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

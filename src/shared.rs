@@ -33,12 +33,16 @@ pub(crate) struct ModelSource {
     /// Layers of the synthetic model (DeepSeek V3 keeps its first 3 dense: 6 gives 3 MoE layers).
     #[arg(long, default_value_t = 6)]
     pub(crate) layers: usize,
+    /// Routed experts per MoE layer of the synthetic model.
     #[arg(long, default_value_t = 32)]
     pub(crate) experts: usize,
+    /// Hidden size of the synthetic model.
     #[arg(long, default_value_t = 512)]
     pub(crate) hidden: usize,
+    /// Expert FFN (intermediate) size of the synthetic model.
     #[arg(long, default_value_t = 256)]
     pub(crate) ffn: usize,
+    /// Experts each token is routed to in the synthetic model.
     #[arg(long, default_value_t = 6)]
     pub(crate) top_k: usize,
 }

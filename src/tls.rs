@@ -47,8 +47,10 @@ fn load(files: Option<TlsFiles>, map: &[String]) -> Result<Option<Tls>> {
 /// The client certificate for an `etcds://` store; defaults to the role's own (--tls-*).
 #[derive(Debug, Args, Clone, Default)]
 pub(crate) struct EtcdTlsArgs {
+    /// PEM client certificate for an `etcds://` store (default: --tls-cert).
     #[arg(long, env = env::ETCD_TLS_CERT)]
     pub(crate) etcd_tls_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-tls-cert.
     #[arg(long, env = env::ETCD_TLS_KEY)]
     pub(crate) etcd_tls_key: Option<PathBuf>,
     /// CA of etcd's server certificate.

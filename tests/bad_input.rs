@@ -268,5 +268,20 @@ async fn health_and_reflection_are_served() {
         let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("no service list") };
         let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
         assert!(names.iter().any(|n| n == service), "{addr} reflection lists {names:?}");
+        // The older reflection version too (Python's grpcio-reflection speaks only v1alpha).
+        {
+            use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient as OldClient;
+            use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest as OldRequest;
+            use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse as OldResponse;
+            use tonic_reflection::pb::v1alpha::ServerReflectionRequest as OldReq;
+            let ch =
+                tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+            let req = OldReq { host: String::new(), message_request: Some(OldRequest::ListServices(String::new())) };
+            let mut resp =
+                OldClient::new(ch).server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+            let msg = resp.message().await.unwrap().unwrap();
+            let Some(OldResponse::ListServicesResponse(list)) = msg.message_response else { panic!("no v1alpha list") };
+            assert!(list.service.iter().any(|s| s.name == service), "{addr} v1alpha reflection");
+        }
     }
 }

@@ -409,3 +409,73 @@ fn compute_threads_size_the_pool_and_zero_is_refused() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("at least 1 thread (--compute-threads)"), "{err}");
 }
+
+#[test]
+fn every_flag_has_help_and_bad_flag_values_are_refused() {
+    let commands: &[&[&str]] = &[
+        &["up"],
+        &["coordinator"],
+        &["worker"],
+        &["forward"],
+        &["gen-model"],
+        &["gen-input"],
+        &["bench"],
+        &["status"],
+        &["drain"],
+        &["plan"],
+        &["certs"],
+        &["backend", "check"],
+        &["backend", "probe"],
+        &["backend", "bench"],
+    ];
+    for c in commands {
+        let o = Command::new(BIN).args(*c).arg("--help").output().unwrap();
+        assert!(o.status.success(), "{c:?} --help");
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            let is_option =
+                l.starts_with("  ") && (t.starts_with("--") || (t.starts_with('-') && t.get(2..4) == Some(", ")));
+            if !is_option || t.starts_with("--help") || t.starts_with("-h, --help") || t.starts_with("-V, --version") {
+                continue;
+            }
+            let next = lines.get(i + 1).copied().unwrap_or("");
+            assert!(next.starts_with("          ") && !next.trim().is_empty(), "{c:?}: `{}` has no help text", t);
+        }
+    }
+    let o = Command::new(BIN).args(["--log-format", "yaml", "status", "--coordinator", "x:1"]).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("yaml") && err.contains("text") && err.contains("json"), "{err}");
+    let o = Command::new(BIN).args(["--log", "verbose", "status", "--coordinator", "x:1"]).output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("`verbose` is not a level"), "{err}");
+    // An impossible inventory is an error, not a plan.
+    let o = Command::new(BIN)
+        .args(["plan", "--model", "deepseek-v3", "--device", "h100", "--devices-per-node", "0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--devices-per-node 0"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // gen-model keeps an existing model unless told.
+    let work = tempfile::tempdir().unwrap();
+    let gen = |force: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["gen-model", "--preset", "tiny", "--out"]).arg(work.path());
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    assert!(gen(false).status.success());
+    let o = gen(false);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--force"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(gen(true).status.success());
+}

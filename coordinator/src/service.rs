@@ -1358,6 +1358,7 @@ pub async fn serve(
         .layer(expertmesh_trust::server::RequireAuthLayer)
         .add_service(health)
         .add_service(reflection)
+        .add_service(expertmesh_proto::reflection_service_v1alpha().map_err(CoordinatorError::InvalidInput)?)
         .add_service(
             CoordinatorServer::new(CoordinatorService { core })
                 .max_decoding_message_size(MAX_CONTROL_MESSAGE_BYTES)

@@ -27,6 +27,18 @@ pub fn reflection_service() -> Result<
         .map_err(|e| format!("building the reflection service: {e}"))
 }
 
+/// The reflection service in its older version (v1alpha), which some clients still speak
+/// (Python's grpcio-reflection, older grpcurl).
+pub fn reflection_service_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    String,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| format!("building the reflection service: {e}"))
+}
+
 /// The gRPC health service name a worker reports for its expert service: SERVING while it holds
 /// its experts of the committed placement, has its lease and is not draining.
 pub const EXPERT_SERVICE: &str = "expertmesh.v1.ExpertService";

@@ -22,11 +22,13 @@ enum BackendCmd {
     /// Run the conformance suite (every weight dtype, ragged FP8 blocks, 0, 1 and odd row
     /// counts, the V4 clamp; outputs poisoned with NaN first) against the float64 reference.
     Check {
+        /// Device: cpu, or cuda:N (a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
     /// Measure the device as a worker does at start (throughput probe, memory); prints JSON.
     Probe {
+        /// Device: cpu, or cuda:N (a build with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -36,6 +38,7 @@ enum BackendCmd {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
+    /// Device: cpu, or cuda:N (a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Shapes: v4-pro (hidden 7168, FFN 3072, 384 experts, top-6), v3 (hidden 7168, FFN 2048,

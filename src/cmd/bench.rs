@@ -42,6 +42,7 @@ pub(crate) struct BenchArgs {
     /// more, up to 200, so that decode-size percentiles are stable.
     #[arg(long, default_value_t = 5)]
     pub(crate) iters: usize,
+    /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16")]
     pub(crate) wire: String,
     /// Also check answers: for every batch of up to 256 tokens, one distributed and one
@@ -58,6 +59,7 @@ pub(crate) struct BenchArgs {
     /// log directory), to measure what TLS costs.
     #[arg(long)]
     pub(crate) tls: bool,
+    /// Where process logs go (default: inside a temporary directory).
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
     /// Inject a fault under steady traffic instead (etcd, 2 coordinators, workers registered in

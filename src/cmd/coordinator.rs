@@ -16,6 +16,7 @@ use crate::tls::{EtcdTlsArgs, TlsArgs};
 
 #[derive(Debug, Args)]
 pub(crate) struct CoordinatorArgs {
+    /// Address the gRPC server binds (`0.0.0.0:7400` to serve other machines).
     #[arg(long, default_value = "127.0.0.1:7400", env = env::LISTEN)]
     pub(crate) listen: SocketAddr,
     /// Checkpoint directory of the model the cluster serves.
@@ -27,8 +28,10 @@ pub(crate) struct CoordinatorArgs {
     /// Copies of every expert, on distinct workers.
     #[arg(long, default_value_t = 1, env = env::REPLICAS)]
     pub(crate) replicas: usize,
+    /// Lease TTL of workers registered through this coordinator, and of its leadership.
     #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
     pub(crate) lease_ttl_ms: u64,
+    /// Cluster name: the prefix of its keys in the store (several clusters can share one etcd).
     #[arg(long, default_value = "default", env = env::CLUSTER)]
     pub(crate) cluster: String,
     /// Where cluster state lives: `embedded` (in this process) or `etcd://HOST:PORT[,HOST:PORT...]`.

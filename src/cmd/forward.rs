@@ -44,6 +44,7 @@ pub(crate) struct ForwardArgs {
     /// With --entry: deadline of the whole call, retries included (sent as grpc-timeout).
     #[arg(long, default_value_t = 30_000)]
     pub(crate) timeout_ms: u64,
+    /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
     /// With --entry: a `client` (or other cluster) certificate, when the cluster runs mutual TLS.

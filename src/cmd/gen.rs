@@ -20,47 +20,70 @@ pub(crate) struct GenModelArgs {
     /// qwen3-30b-a3b.
     #[arg(long, default_value = "tiny")]
     pub(crate) preset: String,
+    /// Directory to write the model into (created; an existing model is kept unless --force).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// Layers (default: the preset's).
     #[arg(long)]
     pub(crate) layers: Option<usize>,
+    /// Routed experts per MoE layer (default: the preset's).
     #[arg(long)]
     pub(crate) experts: Option<usize>,
+    /// Hidden size (default: the preset's).
     #[arg(long)]
     pub(crate) hidden: Option<usize>,
+    /// Expert FFN (intermediate) size (default: the preset's).
     #[arg(long)]
     pub(crate) ffn: Option<usize>,
+    /// Experts per token (default: the preset's).
     #[arg(long)]
     pub(crate) top_k: Option<usize>,
+    /// Vocabulary size, for hash-routed layers (default: the preset's).
     #[arg(long)]
     pub(crate) vocab: Option<usize>,
+    /// Expert groups of group-limited routing, DeepSeek V3 (default: the preset's).
     #[arg(long)]
     pub(crate) n_group: Option<usize>,
+    /// Groups each token may use (default: the preset's).
     #[arg(long)]
     pub(crate) topk_group: Option<usize>,
     /// Expert weight dtype: bf16, f16, f32, or f8_e4m3 (DeepSeek V3's block-scaled FP8).
     #[arg(long, default_value = "bf16")]
     pub(crate) dtype: String,
+    /// Seed of the random weights (or inputs): the same seed writes the same bytes.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
     /// Refuse to write more than this many GiB.
     #[arg(long, default_value_t = 16.0)]
     pub(crate) max_gib: f64,
+    /// Replace a model already in --out (without it, an existing config.json is an error).
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct GenInputArgs {
+    /// Checkpoint directory whose shape the inputs take.
     #[arg(long, env = env::MODEL)]
     pub(crate) model: PathBuf,
+    /// Tokens of input.
     #[arg(long, default_value_t = 16)]
     pub(crate) tokens: usize,
+    /// File to write the inputs into (safetensors).
     #[arg(long)]
     pub(crate) out: PathBuf,
+    /// Seed of the random weights (or inputs): the same seed writes the same bytes.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
 }
 
 pub(crate) fn gen_model(a: GenModelArgs) -> Result<()> {
+    if a.out.join("config.json").exists() && !a.force {
+        anyhow::bail!(
+            "{} already holds a model (config.json); give --force to replace it, or another --out",
+            a.out.display()
+        );
+    }
     let opts = GenOptions {
         preset: a.preset,
         overrides: PresetOverrides {

@@ -89,8 +89,10 @@ pub(crate) struct PlanArgs {
     /// Fraction of peak FLOP/s, memory and link bandwidth real kernels reach.
     #[arg(long, default_value_t = 0.6)]
     compute_eff: f64,
+    /// Fraction of peak memory bandwidth real kernels reach.
     #[arg(long, default_value_t = 0.8)]
     memory_eff: f64,
+    /// Fraction of peak link bandwidth real transfers reach.
     #[arg(long, default_value_t = 0.8)]
     network_eff: f64,
     /// Device memory held back for the runtime.
@@ -240,10 +242,16 @@ pub(crate) async fn plan(args: PlanArgs) -> Result<()> {
         } else {
             let names = if args.device.is_empty() { vec!["h200".to_string()] } else { args.device.clone() };
             let mut pools = Vec::new();
+            if args.nodes == 0 {
+                bail!("--nodes 0: an inventory needs at least one node");
+            }
+            if args.devices_per_node == Some(0) {
+                bail!("--devices-per-node 0: a node needs at least one device");
+            }
             for n in names {
-                let mut p = Pool::of(catalog.get(&n)?, args.nodes.max(1));
+                let mut p = Pool::of(catalog.get(&n)?, args.nodes);
                 if let Some(d) = args.devices_per_node {
-                    p.devices_per_node = d.max(1);
+                    p.devices_per_node = d;
                 }
                 pools.push(p);
             }

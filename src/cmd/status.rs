@@ -15,6 +15,7 @@ pub(crate) struct StatusArgs {
     /// Coordinator address; several, comma-separated: the first that answers.
     #[arg(long, env = env::COORDINATOR)]
     pub(crate) coordinator: String,
+    /// Print JSON instead of text.
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]

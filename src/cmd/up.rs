@@ -37,6 +37,7 @@ pub(crate) struct UpArgs {
     /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
+    /// Copies of every expert, on distinct workers.
     #[arg(long, default_value_t = 1)]
     pub(crate) replicas: usize,
     /// Compute threads of each worker (default: one per core; the workers share the cores).

@@ -24,6 +24,7 @@ pub(crate) struct WorkerArgs {
     /// coordinator: the worker keeps serving and following placement while coordinators are down.
     #[arg(long, env = env::STORE)]
     pub(crate) store: Option<String>,
+    /// Cluster name: the prefix of its keys in the store (with --store).
     #[arg(long, default_value = "default", env = env::CLUSTER)]
     pub(crate) cluster: String,
     /// TTL of the worker's lease in the store (with `--store`; through a coordinator, the
@@ -33,6 +34,7 @@ pub(crate) struct WorkerArgs {
     /// On SIGTERM, how long to wait for the experts to move away before leaving anyway.
     #[arg(long, default_value_t = 25_000, env = env::DRAIN_TIMEOUT_MS)]
     pub(crate) drain_timeout_ms: u64,
+    /// Address the gRPC server binds (`0.0.0.0:7500` to serve other machines; port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:0", env = env::LISTEN)]
     pub(crate) listen: SocketAddr,
     /// Address other processes reach this worker at (default: the bound address).
@@ -58,6 +60,7 @@ pub(crate) struct WorkerArgs {
     /// MemAvailable on a CPU, free device memory on a GPU).
     #[arg(long, env = env::MEMORY_GIB)]
     pub(crate) memory_gib: Option<f64>,
+    /// Largest gRPC message either way, MiB (and so the largest chunk of rows).
     #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
     pub(crate) max_message_mib: usize,
     /// How long rows with no live owner wait for a (newer) committed placement before the

@@ -389,6 +389,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         .layer(expertmesh_trust::server::RequireAuthLayer)
         .add_service(health)
         .add_service(reflection)
+        .add_service(expertmesh_proto::reflection_service_v1alpha().map_err(WorkerError::Internal)?)
         .add_service(
             ExpertServiceServer::new(ExpertServiceImpl {
                 store: store.clone(),
