@@ -47,6 +47,18 @@ async fn a_worker_serves_only_once_placed_and_stops_while_draining() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = cluster.coordinator.addr.clone();
+    // `status` says what the cluster waits for, and who the worker is.
+    let v = status_json(&c);
+    assert_eq!((v["expect_workers"].as_u64(), v["current_epoch"].as_u64()), (Some(2), Some(0)), "{v}");
+    let w = &v["workers"][0];
+    assert_eq!(w["version"], env!("CARGO_PKG_VERSION"), "{v}");
+    assert!(w["uptime_s"].as_u64().is_some_and(|u| u < 120), "{v}");
+    let out = std::process::Command::new(common::cluster::BIN).args(["status", "--coordinator", &c]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("no placement yet: waiting for 2 workers (1 registered)") && text.contains("version "),
+        "{text}"
+    );
     assert_eq!(status(&c, "").await, Some(Serving));
     assert_eq!(status(&c, COORDINATOR_SERVICE).await, Some(Serving));
     let none = || String::new();
@@ -59,6 +71,8 @@ async fn a_worker_serves_only_once_placed_and_stops_while_draining() {
             until(w, s, Serving, Duration::from_secs(30), &logs).await;
         }
     }
+    let text = std::fs::read_to_string(&cluster.workers[0].log).unwrap();
+    assert!(text.contains("experts loaded; ready") && text.contains("mib_per_s="), "{text}");
     // Drain w1 from outside: it reports NOT_SERVING while its experts move, then leaves.
     let out = std::process::Command::new(common::cluster::BIN)
         .args(["drain", "w1", "--coordinator", &c, "--wait-s", "0"])

@@ -151,6 +151,24 @@ async fn a_live_cluster_exposes_metrics_that_match_its_traffic() {
         assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "{buckets:?}");
     }
 
+    // `status --json` carries each worker's per-expert rows (from its load reports, every second).
+    let t = Instant::now();
+    loop {
+        let v = status_json(&cluster.coordinator.addr);
+        let rows: u64 = v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|w| w["expert_loads"].as_array().unwrap().clone())
+            .filter(|e| e["layer"].as_u64() == Some(layer as u64))
+            .map(|e| e["tokens"].as_u64().unwrap())
+            .sum();
+        if rows == (5 * tokens * spec.top_k) as u64 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "status expert loads: {rows}\n{v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (status, body) = get(pc, "/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     promtool(&body);

@@ -14,6 +14,9 @@ pub fn check_worker_info(info: &WorkerInfo) -> Result<(), String> {
     if !info.node.is_empty() {
         check_id("node", &info.node)?;
     }
+    if info.version.len() > 64 || info.version.chars().any(char::is_control) {
+        return Err(format!("version is {} bytes; expected up to 64 bytes of printable text", info.version.len()));
+    }
     if info.devices.len() > MAX_DEVICES {
         return Err(format!("{} devices registered; the limit is {MAX_DEVICES}", info.devices.len()));
     }

@@ -87,6 +87,8 @@ struct Member {
     /// From the last load report: bytes held for routed experts; process RSS.
     resident_bytes: u64,
     rss_bytes: u64,
+    /// From the last load report: a load in progress (bytes done, total, bytes per second).
+    loading: (u64, u64, f64),
     error: String,
     /// The leader reached its health service at its address: only then may it hold experts.
     verified: bool,
@@ -113,6 +115,7 @@ impl Member {
             load: HashMap::new(),
             resident_bytes: 0,
             rss_bytes: 0,
+            loading: (0, 0, 0.0),
             error: String::new(),
             verified: false,
             check_error: String::new(),
@@ -379,6 +382,8 @@ impl CoordinatorCore {
                     m.last_seen = Instant::now();
                     m.load = r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
                     (m.resident_bytes, m.rss_bytes) = (r.resident_bytes, r.rss_bytes);
+                    let rate = if r.load_bytes_per_s.is_finite() { r.load_bytes_per_s.max(0.0) } else { 0.0 };
+                    m.loading = (r.load_done_bytes.min(r.load_total_bytes), r.load_total_bytes, rate);
                 }
             }
             (Key::Drain(id), Some(_)) if st.draining.insert(id.clone()) => {
@@ -1257,6 +1262,18 @@ impl Coordinator for CoordinatorService {
                     left_out: m.left_out().unwrap_or_default(),
                     resident_bytes: m.resident_bytes,
                     rss_bytes: m.rss_bytes,
+                    load_done_bytes: m.loading.0,
+                    load_total_bytes: m.loading.1,
+                    load_bytes_per_s: m.loading.2,
+                    expert_loads: {
+                        let mut v: Vec<ExpertLoad> = m
+                            .load
+                            .iter()
+                            .map(|(&(layer, expert), &tokens)| ExpertLoad { layer, expert, tokens })
+                            .collect();
+                        v.sort_by_key(|e| (e.layer, e.expert));
+                        v
+                    },
                 })
                 .collect(),
             model_type: c.spec.model_type.clone(),
@@ -1277,6 +1294,30 @@ impl Coordinator for CoordinatorService {
                 sum.into_iter().map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens }).collect()
             },
             mutual_tls: c.cfg.tls.is_some(),
+            expect_workers: c.cfg.expect_workers as u32,
+            pending_waits_for: match &st.pending {
+                None => Vec::new(),
+                Some(p) => p
+                    .workers
+                    .iter()
+                    .filter_map(|w| {
+                        let m = st.members.get(&w.worker_id);
+                        if m.is_some_and(|m| m.ready_epoch >= p.epoch) {
+                            return None;
+                        }
+                        Some(match m {
+                            None => format!("{}: gone (the leader re-plans)", w.worker_id),
+                            Some(m) if !m.error.is_empty() => format!("{}: cannot load: {}", w.worker_id, m.error),
+                            Some(m) if m.loading.1 > 0 => format!(
+                                "{}: loading its experts, {}",
+                                w.worker_id,
+                                expertmesh_core::metrics::progress_text(m.loading.0, m.loading.1, m.loading.2)
+                            ),
+                            Some(_) => format!("{}: not ready yet", w.worker_id),
+                        })
+                    })
+                    .collect(),
+            },
             refused_calls: {
                 let (a, b) = expertmesh_trust::authz::refusals();
                 a + b

@@ -20,6 +20,8 @@ pub mod names {
     pub const RESIDENT_BYTES: &str = "expertmesh_resident_bytes";
     pub const PROCESS_RESIDENT_BYTES: &str = "expertmesh_process_resident_bytes";
     pub const EXPERTS_HELD: &str = "expertmesh_experts_held";
+    pub const LOAD_DONE_BYTES: &str = "expertmesh_load_done_bytes";
+    pub const LOAD_TOTAL_BYTES: &str = "expertmesh_load_total_bytes";
     pub const EXPERT_ROWS_TOTAL: &str = "expertmesh_expert_rows_total";
     pub const DISPATCHED_TOKENS_TOTAL: &str = "expertmesh_dispatched_tokens_total";
     pub const DISPATCHED_ROWS_TOTAL: &str = "expertmesh_dispatched_rows_total";
@@ -205,9 +207,39 @@ impl Exposition {
     }
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Progress of long work for people: "1.20 of 4.00 GiB (30%), 150 MiB/s, about 19 s left".
+pub fn progress_text(done: u64, total: u64, rate: f64) -> String {
+    let pct = if total > 0 { 100.0 * done as f64 / total as f64 } else { 0.0 };
+    let left = if rate > 0.0 && total > done {
+        format!(", about {:.0} s left", (total - done) as f64 / rate)
+    } else {
+        String::new()
+    };
+    format!("{:.2} of {:.2} GiB ({pct:.0}%), {:.0} MiB/s{left}", done as f64 / GIB, total as f64 / GIB, rate / MIB)
+}
+
+/// A text bar for a terminal: `[#########...........]  45%`.
+pub fn progress_bar(done: u64, total: u64, width: usize) -> String {
+    let f = if total > 0 { (done as f64 / total as f64).clamp(0.0, 1.0) } else { 0.0 };
+    let n = (f * width as f64).round() as usize;
+    format!("[{}{}] {:>3.0}%", "#".repeat(n), ".".repeat(width - n), f * 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_reads_as_a_person_wants() {
+        assert_eq!(
+            progress_text(3 << 30, 4 << 30, (100u64 << 20) as f64),
+            "3.00 of 4.00 GiB (75%), 100 MiB/s, about 10 s left"
+        );
+        assert_eq!(progress_bar(1, 4, 8), "[##......]  25%");
+    }
 
     #[test]
     fn histograms_are_cumulative_and_text_is_well_formed() {

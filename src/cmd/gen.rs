@@ -8,7 +8,7 @@ use clap::Args;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
 use expertmesh_dispatcher::Checkpoint;
-use expertmesh_worker::synth::{generate, write_safetensors, GenOptions, OwnedTensor};
+use expertmesh_worker::synth::{write_safetensors, GenOptions, OwnedTensor};
 
 use crate::env;
 use crate::shared::random_batch;
@@ -101,7 +101,29 @@ pub(crate) fn gen_model(a: GenModelArgs) -> Result<()> {
         seed: a.seed,
         max_bytes: (a.max_gib * (1u64 << 30) as f64) as u64,
     };
-    let s = generate(&a.out, &opts)?;
+    // Progress: a bar on a terminal, a line every 5 s otherwise.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let start = std::time::Instant::now();
+    let mut last = start;
+    let mut report = |done: u64, total: u64| {
+        let now = std::time::Instant::now();
+        let every = if tty { std::time::Duration::from_millis(200) } else { std::time::Duration::from_secs(5) };
+        if now.duration_since(last) < every {
+            return;
+        }
+        last = now;
+        let rate = done as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let text = expertmesh_core::metrics::progress_text(done, total, rate);
+        if tty {
+            eprint!("\r{} {text}\x1b[K", expertmesh_core::metrics::progress_bar(done, total, 30));
+        } else {
+            eprintln!("writing {}: {text}", a.out.display());
+        }
+    };
+    let s = expertmesh_worker::synth::generate_with_progress(&a.out, &opts, &mut report)?;
+    if tty {
+        eprint!("\r\x1b[K");
+    }
     println!(
         "wrote {} ({}): {} MoE layers x {} experts, hidden {}, expert FFN {}, top-{}; {} files, {:.1} MiB",
         a.out.display(),

@@ -22,6 +22,25 @@ pub(crate) struct StatusArgs {
     pub(crate) tls: TlsArgs,
 }
 
+/// Seconds since `started_unix_ms` (0 when unknown).
+fn uptime_s(started_unix_ms: u64) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64);
+    match (started_unix_ms, now) {
+        (0, _) | (_, Err(_)) => 0,
+        (s, Ok(n)) => n.saturating_sub(s) / 1000,
+    }
+}
+
+/// "3 s", "4 min 10 s", "2 h 5 min", "3 d 4 h".
+fn fmt_age(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+        _ => format!("{} d {} h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
 /// "812.0 KiB", "1.50 GiB".
 fn fmt_bytes(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -52,7 +71,10 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
                     "experts_held": w.experts_held, "tokens_total": w.tokens_total, "ready_epoch": w.ready_epoch,
                     "heartbeat_age_s": w.heartbeat_age_s, "error": w.error, "draining": w.draining,
                     "verified": w.verified, "left_out": w.left_out, "resident_bytes": w.resident_bytes,
-                    "rss_bytes": w.rss_bytes,
+                    "rss_bytes": w.rss_bytes, "version": i.version, "uptime_s": uptime_s(i.started_unix_ms),
+                    "loading": (w.load_total_bytes > 0).then(|| serde_json::json!({"done_bytes": w.load_done_bytes,
+                        "total_bytes": w.load_total_bytes, "bytes_per_s": w.load_bytes_per_s})),
+                    "expert_loads": w.expert_loads.iter().map(|e| serde_json::json!({"layer": e.layer, "expert": e.expert, "tokens": e.tokens})).collect::<Vec<_>>(),
                     "devices": i.devices.iter().map(|d| serde_json::json!({"kind": d.kind, "index": d.index,
                         "name": d.name, "tflops": d.tflops, "tflops_measured": d.tflops_measured,
                         "memory_offered_bytes": d.memory_bytes, "memory_total_bytes": d.memory_total_bytes}))
@@ -64,14 +86,23 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
             serde_json::json!({"current_epoch": s.current_epoch, "pending_epoch": s.pending_epoch,
                 "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
                 "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator,
-                "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "workers": workers})
+                "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "expect_workers": s.expect_workers,
+                "pending_waits_for": s.pending_waits_for, "workers": workers})
         );
         return Ok(());
     }
-    println!(
-        "model {} ({} MoE layers x {} experts); placement epoch {} (pending {})",
-        s.model_type, s.moe_layers, s.routed_experts, s.current_epoch, s.pending_epoch
-    );
+    let placement = match (s.current_epoch, s.pending_epoch) {
+        (0, 0) => {
+            format!("no placement yet: waiting for {} workers ({} registered)", s.expect_workers, s.workers.len())
+        }
+        (c, 0) => format!("placement epoch {c}"),
+        (0, p) => format!("no placement committed yet; epoch {p} proposed"),
+        (c, p) => format!("placement epoch {c}; epoch {p} proposed"),
+    };
+    println!("model {} ({} MoE layers x {} experts); {placement}", s.model_type, s.moe_layers, s.routed_experts);
+    for w in &s.pending_waits_for {
+        println!("  epoch {} waits for {w}", s.pending_epoch);
+    }
     println!(
         "coordinator {} ({}); leader {}",
         s.coordinator,
@@ -98,6 +129,25 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
             w.tokens_total,
             w.heartbeat_age_s
         );
+        println!(
+            "      version {}, up {}",
+            if i.version.is_empty() { "unknown" } else { &i.version },
+            fmt_age(uptime_s(i.started_unix_ms))
+        );
+        if w.load_total_bytes > 0 {
+            println!(
+                "      loading {} {}",
+                expertmesh_core::metrics::progress_bar(w.load_done_bytes, w.load_total_bytes, 24),
+                expertmesh_core::metrics::progress_text(w.load_done_bytes, w.load_total_bytes, w.load_bytes_per_s)
+            );
+        }
+        if !w.expert_loads.is_empty() {
+            let mut hot = w.expert_loads.clone();
+            hot.sort_by(|a, b| b.tokens.cmp(&a.tokens));
+            let top: Vec<String> =
+                hot.iter().take(5).map(|e| format!("L{}/E{} {}", e.layer, e.expert, e.tokens)).collect();
+            println!("      busiest experts (rows): {}", top.join(", "));
+        }
         for d in &i.devices {
             println!(
                 "      {}:{} {:.3} TFLOP/s ({}), {} offered of {}; {}",

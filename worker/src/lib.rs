@@ -10,6 +10,7 @@ pub mod limits;
 pub mod links;
 pub mod metrics;
 pub mod node;
+pub mod progress;
 pub mod readiness;
 pub mod service;
 pub mod synth;

@@ -41,6 +41,7 @@ pub struct Sources {
     pub dispatcher: Arc<Dispatcher>,
     pub admission: Arc<Admission>,
     pub readiness: Arc<Readiness>,
+    pub progress: Arc<crate::progress::Progress>,
 }
 
 fn b(v: bool) -> f64 {
@@ -79,6 +80,19 @@ pub fn render(s: &Sources) -> String {
         Kind::Gauge,
         "Resident set of the process",
         crate::node::rss_bytes() as f64,
+    );
+    let p = s.progress.snapshot();
+    e.single(
+        names::LOAD_DONE_BYTES,
+        Kind::Gauge,
+        "Checkpoint bytes read so far by the load in progress (0 when not loading)",
+        p.done as f64,
+    );
+    e.single(
+        names::LOAD_TOTAL_BYTES,
+        Kind::Gauge,
+        "Checkpoint bytes the load in progress reads (0 when not loading)",
+        p.total as f64,
     );
     e.single(
         names::EXPERTS_HELD,

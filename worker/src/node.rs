@@ -306,7 +306,13 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         address: addr.clone(),
         node: cfg.node.clone(),
         devices: vec![device],
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
     };
+    let progress = Arc::new(crate::progress::Progress::default());
     // A starting worker waits `control_wait` for its control plane, then exits saying why; once
     // registered it serves on and retries without a deadline.
     let control = connect_control(&cfg.control, cfg.control_wait).await.map_err(from_cluster)?;
@@ -369,6 +375,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             dispatcher: dispatcher.clone(),
             admission: admission.clone(),
             readiness: readiness.clone(),
+            progress: progress.clone(),
         };
         let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || crate::metrics::render(&sources));
         tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, health_stop.clone()));
@@ -433,17 +440,27 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
     )?;
     // Load reports.
     let reports = {
-        let (c, store, stop, id, lease) =
-            (control.clone(), store.clone(), tasks_stop.clone(), cfg.worker_id.clone(), lease.clone());
+        let (c, store, stop, id, lease, progress) = (
+            control.clone(),
+            store.clone(),
+            tasks_stop.clone(),
+            cfg.worker_id.clone(),
+            lease.clone(),
+            progress.clone(),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::select! { _ = stop.cancelled() => return, _ = tokio::time::sleep(Duration::from_secs(1)) => {} }
+                let p = progress.snapshot();
                 let report = LoadReport {
                     worker_id: id.clone(),
                     epoch: store.epoch(),
                     experts: store.counters(),
                     resident_bytes: store.resident_bytes(),
                     rss_bytes: rss_bytes(),
+                    load_done_bytes: p.done,
+                    load_total_bytes: p.total,
+                    load_bytes_per_s: p.rate,
                 };
                 let _ = c.report_load(report, lease.load(Ordering::Acquire)).await;
             }
@@ -458,6 +475,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         let id = cfg.worker_id.clone();
         let drained = drained.clone();
         let readiness = readiness.clone();
+        let progress = progress.clone();
         // Plans up to this epoch that list our id as draining are about an earlier process
         // with this id (drained, then restarted: a StatefulSet pod, a systemd unit).
         let joined_epoch = reg.placement_epoch;
@@ -493,6 +511,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                 let rc = rc.clone();
                 let drained = drained.clone();
                 let links = links.clone();
+                let progress = progress.clone();
                 async move {
                     if let (true, Some(l)) = (committed, &links) {
                         // Joining waits for every member: never on the placement path.
@@ -516,25 +535,56 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
                     let missing: Vec<(u32, u32)> = mine.iter().filter(|(l, e)| !store.holds(*l, *e)).copied().collect();
                     let n = missing.len();
                     let held = store.clone();
+                    let mut by_layer: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+                    for (l, e) in missing {
+                        by_layer.entry(l).or_default().push(e);
+                    }
+                    // Checkpoint bytes to read: the progress logs, load reports and metrics show.
+                    let total: u64 = by_layer
+                        .iter()
+                        .map(|(l, es)| ck.expert_bytes(*l as usize).unwrap_or(0).saturating_mul(es.len() as u64))
+                        .sum();
+                    progress.start(total);
+                    let started = std::time::Instant::now();
+                    let ticker = {
+                        let (progress, id, epoch) = (progress.clone(), id.clone(), plan.epoch);
+                        tokio::spawn(async move {
+                            loop {
+                                tokio::time::sleep(Duration::from_secs(5)).await;
+                                let p = progress.snapshot();
+                                info!(worker = %id, epoch, done_bytes = p.done, total_bytes = p.total, "loading experts: {}", p.describe());
+                            }
+                        })
+                    };
+                    let counted = progress.clone();
                     let loaded = on_pool(move || -> Result<Vec<_>> {
-                        let mut by_layer: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-                        for (l, e) in missing {
-                            by_layer.entry(l).or_default().push(e);
-                        }
                         let mut layers = Vec::with_capacity(by_layer.len());
                         for (l, experts) in by_layer {
                             // One resident object per layer: what it holds now, plus the new ones.
                             let prev = held.layer(l);
                             let keep = prev.as_ref().map(|p| p.experts()).unwrap_or_default();
                             layers.push(load_experts(&ck, &*backend, l as usize, &experts, prev, &keep)?);
+                            counted.add(ck.expert_bytes(l as usize).unwrap_or(0).saturating_mul(experts.len() as u64));
                         }
                         Ok(layers)
                     })
                     .await;
+                    ticker.abort();
+                    let rate = progress.snapshot().rate;
+                    progress.finish();
                     let error = match loaded {
                         Ok(Ok(v)) => {
                             store.insert(v);
-                            info!(worker = %id, epoch = plan.epoch, loaded = n, held = mine.len(), "experts loaded; ready");
+                            info!(
+                                worker = %id,
+                                epoch = plan.epoch,
+                                loaded = n,
+                                held = mine.len(),
+                                bytes = total,
+                                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                                mib_per_s = format!("{:.0}", rate / (1u64 << 20) as f64),
+                                "experts loaded; ready"
+                            );
                             String::new()
                         }
                         Ok(Err(e)) | Err(e) => {

@@ -130,6 +130,16 @@ pub fn estimate_bytes(spec: &ModelSpec, dtype: DType) -> u64 {
 
 /// Generate the model into `out_dir` (created if missing).
 pub fn generate(out_dir: &Path, opts: &GenOptions) -> Result<GenSummary> {
+    generate_with_progress(out_dir, opts, &mut |_, _| {})
+}
+
+/// [`generate`], telling `progress(bytes written or built so far, bytes in all)` after every
+/// expert.
+pub fn generate_with_progress(
+    out_dir: &Path,
+    opts: &GenOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<GenSummary> {
     let mut ov = opts.overrides.clone();
     if opts.dtype == DType::F8E4M3 {
         ov.fp8 = Some(true);
@@ -207,6 +217,8 @@ pub fn generate(out_dir: &Path, opts: &GenOptions) -> Result<GenSummary> {
             };
         for x in 0..e {
             ffn(&mut t, &|p| spec.expert_weight_name(l, x, p), f)?;
+            let built: u64 = t.values().map(|x| x.data.len() as u64).sum();
+            progress((bytes + built).min(total), total);
         }
         if spec.n_shared > 0 {
             ffn(&mut t, &|p| spec.shared_weight_name(l, p), spec.shared_ffn)?;
