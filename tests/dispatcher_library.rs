@@ -183,6 +183,7 @@ async fn a_dispatcher_over_a_collective_group_matches_the_reference() {
                 address: a.clone(),
                 node: "box".into(),
                 devices: vec![],
+                ..Default::default()
             })
             .collect(),
         layers: vec![LayerPlacement {
