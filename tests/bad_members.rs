@@ -31,6 +31,7 @@ fn info(id: &str, address: &str) -> WorkerInfo {
             tflops: 1.0,
             ..Default::default()
         }],
+        ..Default::default()
     }
 }
 

@@ -32,6 +32,7 @@ fn gpu(id: &str, address: &str, node: &str) -> WorkerInfo {
             tflops_measured: true,
             nccl: true,
         }],
+        ..Default::default()
     }
 }
 

@@ -219,8 +219,13 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
 
     // `worker.w1` cannot register as w2, drain anyone else, or heartbeat as w0.
     let mut as_w1 = coord(channel(&coordinator.addr, &w1, coordinator_id.clone()).await);
-    let fake =
-        WorkerInfo { worker_id: "w2".into(), address: workers[1].addr.clone(), node: "n".into(), devices: vec![] };
+    let fake = WorkerInfo {
+        worker_id: "w2".into(),
+        address: workers[1].addr.clone(),
+        node: "n".into(),
+        devices: vec![],
+        ..Default::default()
+    };
     refused(
         as_w1.register(RegisterRequest { worker: Some(fake.clone()), epoch: 0 }).await,
         Code::PermissionDenied,

@@ -100,6 +100,7 @@ mod tests {
             address: format!("{id}:1"),
             node: node.into(),
             devices: vec![DeviceInfo { kind: kind.into(), nccl, ..Default::default() }],
+            ..Default::default()
         }
     }
 

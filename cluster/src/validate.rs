@@ -83,6 +83,7 @@ mod tests {
                 tflops: 1.0,
                 ..Default::default()
             }],
+            ..Default::default()
         }
     }
 

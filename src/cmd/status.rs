@@ -143,7 +143,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
         }
         if !w.expert_loads.is_empty() {
             let mut hot = w.expert_loads.clone();
-            hot.sort_by(|a, b| b.tokens.cmp(&a.tokens));
+            hot.sort_by_key(|e| std::cmp::Reverse(e.tokens));
             let top: Vec<String> =
                 hot.iter().take(5).map(|e| format!("L{}/E{} {}", e.layer, e.expert, e.tokens)).collect();
             println!("      busiest experts (rows): {}", top.join(", "));

@@ -195,6 +195,7 @@ proptest! {
             address: addr,
             node: "n".into(),
             devices: vec![DeviceInfo { kind: "cpu".into(), index: 0, memory_bytes: memory, tflops, ..Default::default() }],
+            ..Default::default()
         };
         if expertmesh_cluster::validate::check_worker_info(&w).is_ok() {
             prop_assert!(tflops.is_finite() && tflops >= 0.0);
