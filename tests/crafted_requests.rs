@@ -282,3 +282,21 @@ async fn forward_through_entries_skips_a_dead_one() {
     assert!(err.contains(&dead), "{err}");
     assert!(err.trim().lines().count() == 1 && !err.contains("anyhow"), "one clear message: {err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compute_stream_that_sends_nothing_is_closed() {
+    let (dir, _spec) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 33);
+    let cluster = Cluster::start_with(dir.path(), 1, &[], &["--stream-idle-timeout-ms", "500"]);
+    let mut c = ExpertServiceClient::connect(format!("http://{}", cluster.workers[0].addr)).await.unwrap();
+    // A stream opened and then silent: no chunk, no end.
+    let (_tx, rx) = tokio::sync::mpsc::channel::<ExpertBatch>(1);
+    let t = Instant::now();
+    let mut answers = c.compute(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let e = tokio::time::timeout(Duration::from_secs(10), answers.message())
+        .await
+        .expect("the worker closes the silent stream")
+        .expect_err("closed with an error");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert!(e.message().contains("sent nothing") && e.message().contains("--stream-idle-timeout-ms"), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(400), "not before the idle limit: {:?}", t.elapsed());
+}
