@@ -5,6 +5,7 @@
 //! API, or straight to the store), and the Prometheus endpoint both roles serve ([`metrics_http`]).
 
 pub mod backoff;
+pub mod conns;
 pub mod control;
 pub mod error;
 pub mod groups;

@@ -47,6 +47,9 @@ const PLANS_KEPT: u64 = 8;
 const MAX_CONTROL_MESSAGE_BYTES: usize = 16 << 20;
 /// Concurrent streams one connection may hold open (a worker uses a handful).
 const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// Open connections in all, and from one IP address (a worker holds two or three).
+const MAX_CONNECTIONS: usize = 16_384;
+const MAX_CONNECTIONS_PER_IP: usize = 256;
 
 /// Coordinator settings.
 #[derive(Debug, Clone)]
@@ -1390,7 +1393,9 @@ pub async fn serve(
     on_ready(addr);
     // Control messages are small: a 16 MiB ceiling both ways (placements of the largest
     // models are a few MiB); bounded streams per connection; pings find dead peers.
-    let incoming = expertmesh_trust::server::incoming(tokio_stream::wrappers::TcpListenerStream::new(listener), tls);
+    // At most MAX_CONNECTIONS open, MAX_CONNECTIONS_PER_IP from one address (TCP_NODELAY set).
+    let conns = expertmesh_cluster::conns::Connections::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP);
+    let incoming = expertmesh_trust::server::incoming(expertmesh_cluster::conns::incoming(listener, conns), tls);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
