@@ -11,16 +11,7 @@ if [ -f "$lib/libnvrtc.so.13" ] && [ -f "$lib/libnvrtc-builtins.so.13.0" ]; then
   exit 0
 fi
 mkdir -p "$dir"
-py=$(command -v python3 || true)
-if [ -z "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
-  echo "installing: python3 python3-pip (to fetch NVRTC from PyPI)" >&2
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq --no-install-recommends python3 python3-pip >&2
-  py=$(command -v python3)
-fi
+py=$("$(dirname "$0")/python-with-pip.sh")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "downloading nvidia-cuda-nvrtc 13.0.x from PyPI" >&2

@@ -7,16 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir="${1:-$root/target/pyclient}"
-py=$(command -v python3 || true)
-if [ -z "$py" ] || ! "$py" -m pip --version >/dev/null 2>&1; then
-  echo "installing: python3 python3-pip (for the Python client)" >&2
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get update -qq >&2
-  $SUDO apt-get install -y -qq --no-install-recommends python3 python3-pip >&2
-  py=$(command -v python3)
-fi
+py=$("$root/scripts/python-with-pip.sh")
 stamp="$dir/.installed-$(sha256sum "$root/clients/python/requirements.txt" | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "installing the Python client's dependencies into $dir" >&2

@@ -1,5 +1,7 @@
-//! The TLS flags every role shares, and the etcd client certificate flags.
+//! The TLS flags every role shares, the etcd client certificate flags, and what both server
+//! roles share (metrics endpoint, TLS).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -7,6 +9,20 @@ use clap::Args;
 use expertmesh_trust::{IdentityMap, Tls, TlsFiles};
 
 use crate::env;
+
+/// What both server roles (coordinator, worker) take besides their own flags: their metrics
+/// endpoint, their TLS, and the client certificate for an `etcds://` store.
+#[derive(Debug, Args, Clone, Default)]
+pub(crate) struct ServerArgs {
+    /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
+    /// served).
+    #[arg(long, env = env::METRICS_LISTEN)]
+    pub(crate) metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub(crate) tls: TlsArgs,
+    #[command(flatten)]
+    pub(crate) etcd_tls: EtcdTlsArgs,
+}
 
 /// Mutual TLS of this process: its certificate (naming its identity: docs/operations.md), key,
 /// and the cluster CA. All three, or none (plaintext; loopback development only).

@@ -195,7 +195,7 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from("coordinator").unwrap();
     let ch = plain(&coordinator.addr)
-        .connect_with_connector(expertmesh_trust::client::FixedTlsConnector::new(anon, name.clone()))
+        .connect_with_connector(expertmesh_trust::client::TlsConnector::fixed(anon, name.clone()))
         .await
         .unwrap();
     refused(coord(ch).cluster_status(ClusterStatusRequest {}).await, Code::Unauthenticated, &["no client certificate"]);
@@ -212,7 +212,7 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         .with_client_auth_cert(chain, key)
         .unwrap();
     let ch = plain(&coordinator.addr)
-        .connect_with_connector(expertmesh_trust::client::FixedTlsConnector::new(foreign, name))
+        .connect_with_connector(expertmesh_trust::client::TlsConnector::fixed(foreign, name))
         .await
         .unwrap();
     refused(coord(ch).drain(DrainRequest { worker_id: "w0".into() }).await, Code::Unauthenticated, &["UnknownIssuer"]);

@@ -21,10 +21,11 @@ pub fn reflection_service() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
     String,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| format!("building the reflection service: {e}"))
+    reflection().build_v1().map_err(|e| format!("building the reflection service: {e}"))
+}
+
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
 }
 
 /// The reflection service in its older version (v1alpha), which some clients still speak
@@ -33,10 +34,7 @@ pub fn reflection_service_v1alpha() -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
     String,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| format!("building the reflection service: {e}"))
+    reflection().build_v1alpha().map_err(|e| format!("building the reflection service (v1alpha): {e}"))
 }
 
 /// The gRPC health service name a worker reports for its expert service: SERVING while it holds

@@ -12,7 +12,7 @@ use expertmesh_dispatcher::Checkpoint;
 
 use crate::env;
 use crate::shared::shutdown_on_signals;
-use crate::tls::{EtcdTlsArgs, TlsArgs};
+use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct CoordinatorArgs {
@@ -44,19 +44,13 @@ pub(crate) struct CoordinatorArgs {
     /// the next plans for as long again, so it never blocks re-planning for the others.
     #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
     pub(crate) ready_timeout_ms: u64,
-    /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
-    /// served).
-    #[arg(long, env = env::METRICS_LISTEN)]
-    pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
-    pub(crate) tls: TlsArgs,
-    #[command(flatten)]
-    pub(crate) etcd_tls: EtcdTlsArgs,
+    pub(crate) server: ServerArgs,
 }
 
 pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
-    let tls = a.tls.load()?;
-    let store_tls = a.etcd_tls.load(tls.as_ref())?;
+    let tls = a.server.tls.load()?;
+    let store_tls = a.server.etcd_tls.load(tls.as_ref())?;
     let ck = Checkpoint::open(&a.model).with_context(|| format!("opening model {}", a.model.display()))?;
     let model_dir = a.model.canonicalize()?.display().to_string();
     let spec = ck.spec().clone();
@@ -76,7 +70,7 @@ pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
         ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
         tls,
         store_tls,
-        metrics_listen: a.metrics_listen,
+        metrics_listen: a.server.metrics_listen,
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let ready = |addr| {

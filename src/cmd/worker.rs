@@ -13,7 +13,7 @@ use expertmesh_worker::node::{run_worker, StopSignals, WorkerConfig};
 use expertmesh_worker::service::AdmissionConfig;
 
 use crate::env;
-use crate::tls::{EtcdTlsArgs, TlsArgs};
+use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
@@ -112,14 +112,8 @@ pub(crate) struct WorkerArgs {
     /// exits non-zero saying why; once registered it serves on through outages.
     #[arg(long, default_value_t = 30_000, env = env::CONTROL_WAIT_MS)]
     pub(crate) control_wait_ms: u64,
-    /// Serve Prometheus metrics over plain HTTP at `GET /metrics` on this address (default: not
-    /// served).
-    #[arg(long, env = env::METRICS_LISTEN)]
-    pub(crate) metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
-    pub(crate) tls: TlsArgs,
-    #[command(flatten)]
-    pub(crate) etcd_tls: EtcdTlsArgs,
+    pub(crate) server: ServerArgs,
 }
 
 /// SIGTERM drains the worker; SIGINT (Ctrl-C) stops it at once.
@@ -156,13 +150,13 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
             bail!("--tflops {t}: expected a positive number of TFLOP/s up to 1e6 (or leave it out to measure)");
         }
     }
-    let tls = a.tls.load()?;
+    let tls = a.server.tls.load()?;
     let control = match (a.store, a.coordinator) {
         (Some(url), _) if url != "embedded" => ControlTarget::Store {
             url,
             cluster: a.cluster,
             lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)),
-            tls: a.etcd_tls.load(tls.as_ref())?,
+            tls: a.server.etcd_tls.load(tls.as_ref())?,
         },
         (_, Some(c)) => ControlTarget::Coordinator { addrs: c, tls: tls.clone() },
         (Some(_), None) => {
@@ -206,7 +200,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         },
         drain_timeout: Duration::from_millis(a.drain_timeout_ms),
         tls,
-        metrics_listen: a.metrics_listen,
+        metrics_listen: a.server.metrics_listen,
         control_wait: Duration::from_millis(a.control_wait_ms),
     };
     run_worker(cfg, worker_signals()).await?;

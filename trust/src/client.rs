@@ -45,13 +45,27 @@ impl Expect {
 /// Connects TCP (TCP_NODELAY) and then TLS, for tonic's `connect_with_connector`.
 #[derive(Debug, Clone)]
 pub struct TlsConnector {
-    tls: Tls,
-    expect: Expect,
+    source: Source,
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    /// This process's files as of each connection, expecting `Expect` at the other end.
+    Files(Tls, Expect),
+    /// A fixed configuration and server name.
+    Fixed(Arc<rustls::ClientConfig>, ServerName<'static>),
 }
 
 impl TlsConnector {
     pub fn new(tls: Tls, expect: Expect) -> Self {
-        Self { tls, expect }
+        Self { source: Source::Files(tls, expect) }
+    }
+
+    /// A fixed rustls configuration, for tools and tests that need one the files cannot express
+    /// (no client certificate, another CA).
+    pub fn fixed(mut config: rustls::ClientConfig, name: ServerName<'static>) -> Self {
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Self { source: Source::Fixed(Arc::new(config), name) }
     }
 }
 
@@ -67,10 +81,13 @@ impl tower_service::Service<Uri> for TlsConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let (tls, expect) = (self.tls.clone(), self.expect.clone());
+        let source = self.source.clone();
         Box::pin(async move {
-            let name = expect.server_name(&uri)?;
-            dial(uri, tls.current().client.clone(), name).await
+            let (config, name) = match source {
+                Source::Files(tls, expect) => (tls.current().client.clone(), expect.server_name(&uri)?),
+                Source::Fixed(config, name) => (config, name),
+            };
+            dial(uri, config, name).await
         })
     }
 }
@@ -84,35 +101,6 @@ async fn dial(uri: Uri, config: Arc<rustls::ClientConfig>, name: ServerName<'sta
     tcp.set_nodelay(true)?;
     let s = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
     Ok(TokioIo::new(s))
-}
-
-/// A connector with a fixed rustls configuration, for tools and tests that need one the files
-/// cannot express (no client certificate, another CA).
-#[derive(Debug, Clone)]
-pub struct FixedTlsConnector {
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
-}
-
-impl FixedTlsConnector {
-    pub fn new(mut config: rustls::ClientConfig, name: ServerName<'static>) -> Self {
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        Self { config: Arc::new(config), name }
-    }
-}
-
-impl tower_service::Service<Uri> for FixedTlsConnector {
-    type Response = Io;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Io>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        Box::pin(dial(uri, self.config.clone(), self.name.clone()))
-    }
 }
 
 /// `http://ADDR` (TLS, when used, is the connector's business, not the scheme's).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use expertmesh_trust::certs::Authority;
-use expertmesh_trust::client::{connect, endpoint, FixedTlsConnector};
+use expertmesh_trust::client::{connect, endpoint, TlsConnector};
 use expertmesh_trust::server::{incoming, RequireAuthLayer};
 use expertmesh_trust::{Expect, Identity, IdentityMap, Tls, TlsFiles};
 use rustls::pki_types::pem::PemObject;
@@ -84,7 +84,7 @@ async fn only_certificates_of_the_cluster_ca_get_in_and_the_refused_are_told_why
         .with_root_certificates(roots(&ca_pem))
         .with_no_client_auth();
     let name = ServerName::try_from("localhost").unwrap();
-    let ch = ep().connect_with_connector(FixedTlsConnector::new(anon, name.clone())).await.unwrap();
+    let ch = ep().connect_with_connector(TlsConnector::fixed(anon, name.clone())).await.unwrap();
     let s = check(ch).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unauthenticated);
     assert!(s.message().contains("no client certificate"), "{}", s.message());
@@ -101,7 +101,7 @@ async fn only_certificates_of_the_cluster_ca_get_in_and_the_refused_are_told_why
         .with_root_certificates(roots(&ca_pem))
         .with_client_auth_cert(chain, key)
         .unwrap();
-    let ch = ep().connect_with_connector(FixedTlsConnector::new(foreign, name)).await.unwrap();
+    let ch = ep().connect_with_connector(TlsConnector::fixed(foreign, name)).await.unwrap();
     let s = check(ch).await.unwrap_err();
     assert_eq!(s.code(), tonic::Code::Unauthenticated);
     assert!(s.message().contains("not accepted") && s.message().contains("UnknownIssuer"), "{}", s.message());
