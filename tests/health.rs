@@ -36,7 +36,8 @@ async fn until(addr: &str, service: &str, want: ServingStatus, limit: Duration, 
 async fn a_worker_serves_only_once_placed_and_stops_while_draining() {
     let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 81);
     let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
-    cluster.add_worker("w0", &[]);
+    let http = free_port();
+    cluster.add_worker("w0", &["--metrics-listen", &format!("127.0.0.1:{http}")]);
     let w0 = cluster.workers[0].addr.clone();
     // Waiting for a second worker: no placement, so nothing is served yet; but it answers.
     for _ in 0..10 {
@@ -44,6 +45,11 @@ async fn a_worker_serves_only_once_placed_and_stops_while_draining() {
             assert_eq!(status(&w0, s).await, Some(NotServing), "`{s}` before any placement");
         }
         assert_eq!(status(&w0, LIVE_SERVICE).await, Some(Serving), "alive all along");
+        // The same over HTTP, where Kubernetes probes look.
+        for path in ["/readyz", "/health/expertmesh.v1.MoeLayer"] {
+            assert_eq!(get(http, path), ("HTTP/1.1 503 Service Unavailable".into(), "NOT_SERVING\n".into()), "{path}");
+        }
+        assert_eq!(get(http, "/livez").0, "HTTP/1.1 200 OK");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = cluster.coordinator.addr.clone();
@@ -71,6 +77,7 @@ async fn a_worker_serves_only_once_placed_and_stops_while_draining() {
             until(w, s, Serving, Duration::from_secs(30), &logs).await;
         }
     }
+    assert_eq!(get(http, "/readyz"), ("HTTP/1.1 200 OK".into(), "SERVING\n".into()));
     let text = std::fs::read_to_string(&cluster.workers[0].log).unwrap();
     assert!(text.contains("experts loaded; ready") && text.contains("mib_per_s="), "{text}");
     // Drain w1 from outside: it reports NOT_SERVING while its experts move, then leaves.

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
@@ -14,22 +14,6 @@ use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
 use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_i64};
 use expertmesh_proto::v1::{DType as PDType, ForwardRequest};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `GET path` over plain HTTP: (status line, body).
-fn get(port: u16, path: &str) -> (String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut all = String::new();
-    s.read_to_string(&mut all).unwrap();
-    let (head, body) = all.split_once("\r\n\r\n").unwrap();
-    assert!(head.contains("Content-Length"), "{head}");
-    (head.lines().next().unwrap().to_string(), body.to_string())
-}
 
 /// `name{labels}` -> value, every sample of the text; panics on a malformed line.
 fn parse(text: &str) -> HashMap<String, f64> {
@@ -178,6 +162,21 @@ async fn a_live_cluster_exposes_metrics_that_match_its_traffic() {
     assert!(c["expertmesh_placement_epoch"] >= 1.0);
     assert_eq!(c["expertmesh_workers{state=\"registered\"}"], 2.0);
     assert_eq!(c["expertmesh_workers{state=\"ready\"}"], 2.0);
-    // Anything but GET /metrics is refused plainly.
-    assert_eq!(get(pc, "/").0, "HTTP/1.1 404 Not Found");
+    // The health states over HTTP too (kubelet probes: plaintext even where gRPC is mutual TLS).
+    let ok = ("HTTP/1.1 200 OK".to_string(), "SERVING\n".to_string());
+    for path in ["/readyz", "/livez", "/health/expertmesh.v1.Coordinator", "/health/expertmesh.v1.Coordinator.leader"] {
+        assert_eq!(get(pc, path), ok, "coordinator {path}");
+    }
+    for port in [p0, p1] {
+        for path in ["/readyz", "/livez", "/health/expertmesh.v1.MoeLayer", "/health/expertmesh.v1.ExpertService"] {
+            assert_eq!(get(port, path), ok, "worker {path}");
+        }
+        let (status, body) = get(port, "/health/expertmesh.v1.Nope");
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+        assert!(body.contains("no health service `expertmesh.v1.Nope`"), "{body}");
+    }
+    // Anything else is refused plainly.
+    let (status, body) = get(pc, "/");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(body.contains("/metrics, /readyz, /livez"), "{body}");
 }

@@ -110,6 +110,7 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = spawn(&a, "EXPERTMESH_COORDINATOR_READY", &logs.path().join("coordinator.log"));
     let mut workers: Vec<Proc> = Vec::new();
+    let w0_http = common::free_port();
     for id in ["w0", "w1"] {
         let mut args: Vec<String> =
             ["worker", "--coordinator", &coordinator.addr, "--listen", "127.0.0.1:0", "--id", id]
@@ -117,6 +118,9 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
                 .map(|s| s.to_string())
                 .collect();
         args.extend(flags(c, &format!("worker.{id}")));
+        if id == "w0" {
+            args.extend(["--metrics-listen".to_string(), format!("127.0.0.1:{w0_http}")]);
+        }
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         workers.push(spawn(&a, "EXPERTMESH_WORKER_READY", &logs.path().join(format!("{id}.log"))));
     }
@@ -180,6 +184,9 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         Code::Unauthenticated,
         &["plaintext"],
     );
+    // ... while kubelet's plaintext probes read the same states over the metrics port's HTTP.
+    assert_eq!(common::get(w0_http, "/readyz"), ("HTTP/1.1 200 OK".into(), "SERVING\n".into()));
+    assert_eq!(common::get(w0_http, "/livez").0, "HTTP/1.1 200 OK");
 
     // TLS without a client certificate, and with one of another CA (naming `admin`).
     #[allow(deprecated)]

@@ -1,11 +1,15 @@
 //! The Prometheus endpoint (`--metrics-listen`): plain HTTP/1.1 on a port of its own, `GET
-//! /metrics` answered with the text the server renders at that moment. Minimal on purpose: one
-//! request per connection, a request head of at most 8 KiB read within 5 s, 64 connections at
-//! once; anything else gets 400, 404 or 405.
+//! /metrics` answered with the text the server renders at that moment, and the gRPC health
+//! states over HTTP for probes that cannot speak TLS (kubelet's gRPC probes are plaintext, and a
+//! server with mutual TLS refuses plaintext): `GET /readyz` (service `""`), `/livez`
+//! (`expertmesh.live`) and `/health/<service>`, 200 `SERVING` or 503 `NOT_SERVING`. Minimal on
+//! purpose: one request per connection, a request head of at most 8 KiB read within 5 s, 64
+//! connections at once; anything else gets 400, 404 or 405.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -15,9 +19,36 @@ use tracing::{info, warn};
 /// Renders the exposition text.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Whether a gRPC health service is SERVING (None: no such service).
+pub type Health = Arc<dyn Fn(String) -> BoxFuture<'static, Option<bool>> + Send + Sync>;
+
+/// The states a gRPC health reporter holds, as [`Health`].
+pub fn health_of(reporter: tonic_health::server::HealthReporter) -> Health {
+    use tonic_health::pb::health_server::Health as _;
+    let service = Arc::new(tonic_health::server::HealthService::from_health_reporter(reporter));
+    Arc::new(move |name: String| {
+        let service = service.clone();
+        Box::pin(async move {
+            let r = service.check(tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: name })).await;
+            r.ok().map(|r| {
+                r.into_inner().status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+            })
+        })
+    })
+}
+
+/// The health service a probe path names.
+fn probe_service(path: &str) -> Option<String> {
+    match path {
+        "/readyz" | "/health" | "/health/" => Some(String::new()),
+        "/livez" => Some(expertmesh_proto::LIVE_SERVICE.to_string()),
+        p => p.strip_prefix("/health/").map(str::to_string),
+    }
+}
+
 const MAX_HEAD: usize = 8 << 10;
 
-async fn answer(mut s: tokio::net::TcpStream, render: Render) -> std::io::Result<()> {
+async fn answer(mut s: tokio::net::TcpStream, render: Render, health: Health) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let complete = tokio::time::timeout(Duration::from_secs(5), async {
@@ -42,7 +73,18 @@ async fn answer(mut s: tokio::net::TcpStream, render: Render) -> std::io::Result
             let mut parts = line.split_whitespace();
             match (parts.next(), parts.next().map(|p| p.split('?').next().unwrap_or(p))) {
                 (Some("GET"), Some("/metrics")) => ("200 OK", render(), "text/plain; version=0.0.4; charset=utf-8"),
-                (Some("GET"), Some(_)) => ("404 Not Found", "only /metrics is served here\n".into(), "text/plain"),
+                (Some("GET"), Some(path)) => match probe_service(path) {
+                    Some(service) => match health(service.clone()).await {
+                        Some(true) => ("200 OK", "SERVING\n".into(), "text/plain"),
+                        Some(false) => ("503 Service Unavailable", "NOT_SERVING\n".into(), "text/plain"),
+                        None => ("404 Not Found", format!("no health service `{service}`\n"), "text/plain"),
+                    },
+                    None => (
+                        "404 Not Found",
+                        "served here: /metrics, /readyz, /livez, /health/<service>\n".into(),
+                        "text/plain",
+                    ),
+                },
                 (Some(_), Some(_)) => ("405 Method Not Allowed", "GET /metrics\n".into(), "text/plain"),
                 _ => ("400 Bad Request", "not an HTTP request\n".into(), "text/plain"),
             }
@@ -58,8 +100,8 @@ async fn answer(mut s: tokio::net::TcpStream, render: Render) -> std::io::Result
     s.shutdown().await
 }
 
-/// Serve `render` at `GET /metrics` on `listener` until `stop`.
-pub async fn serve_metrics(listener: TcpListener, render: Render, stop: CancellationToken) {
+/// Serve `render` at `GET /metrics` and `health` at the probe paths on `listener` until `stop`.
+pub async fn serve_metrics(listener: TcpListener, render: Render, health: Health, stop: CancellationToken) {
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "metrics serving at http://{a}/metrics");
     }
@@ -80,11 +122,11 @@ pub async fn serve_metrics(listener: TcpListener, render: Render, stop: Cancella
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue; // dropped: at the limit
         };
-        let render = render.clone();
+        let (render, health) = (render.clone(), health.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let _ = s.set_nodelay(true);
-            if let Err(e) = answer(s, render).await {
+            if let Err(e) = answer(s, render, health).await {
                 tracing::debug!(%peer, error = %e, "metrics request failed");
             }
         });

@@ -1384,7 +1384,8 @@ pub async fn serve(
             .map_err(|e| CoordinatorError::InvalidInput(format!("--metrics-listen {at}: cannot bind: {e}")))?;
         let c = core.clone();
         let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || c.render_metrics());
-        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, stop_tasks.clone()));
+        let health = expertmesh_cluster::metrics_http::health_of(health_reporter.clone());
+        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, health, stop_tasks.clone()));
     }
     core.clone().apply_health(&health_reporter, true, core.is_leader()).await;
     health_reporter.set_service_status(expertmesh_proto::LIVE_SERVICE, tonic_health::ServingStatus::Serving).await;

@@ -12,7 +12,9 @@ use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct DrainArgs {
-    /// The worker to drain (its id, as `expertmesh status` lists it).
+    /// The worker to drain (its id, as `expertmesh status` lists it). From a worker's own
+    /// environment (a Kubernetes preStop hook), its `EXPERTMESH_WORKER_ID`.
+    #[arg(env = env::WORKER_ID)]
     pub(crate) worker_id: String,
     /// Coordinator address; several, comma-separated: the first that answers.
     #[arg(long, env = env::COORDINATOR)]

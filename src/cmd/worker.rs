@@ -57,7 +57,7 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = env::MODEL)]
     pub(crate) model: Option<PathBuf>,
     /// Memory offered for expert weights, GiB (default: what the device has free at start:
-    /// MemAvailable on a CPU, free device memory on a GPU).
+    /// MemAvailable on a CPU, bounded by a container's memory limit; free device memory on a GPU).
     #[arg(long, env = env::MEMORY_GIB)]
     pub(crate) memory_gib: Option<f64>,
     /// Largest gRPC message either way, MiB (and so the largest chunk of rows).

@@ -443,3 +443,21 @@ pub fn read_i64(path: &Path, name: &str) -> Vec<i64> {
     let t = st.tensor(name).unwrap_or_else(|_| panic!("{} has no tensor `{name}`", path.display()));
     t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
 }
+
+/// A loopback port free at this moment.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` over plain HTTP on loopback: (status line, body).
+pub fn get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut all = String::new();
+    s.read_to_string(&mut all).unwrap();
+    let (head, body) = all.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("Content-Length"), "{head}");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}

@@ -361,6 +361,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
         health_reporter.set_service_status(expertmesh_proto::LIVE_SERVICE, tonic_health::ServingStatus::Serving).await;
     })
     .await;
+    let http_health = expertmesh_cluster::metrics_http::health_of(health_reporter.clone());
     tokio::spawn(readiness.clone().report(health_reporter, health_stop.clone()));
     let reflection = expertmesh_proto::reflection_service().map_err(WorkerError::Internal)?;
     let admission = Admission::new(cfg.admission.clone(), &cfg.worker_id);
@@ -378,7 +379,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             progress: progress.clone(),
         };
         let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || crate::metrics::render(&sources));
-        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, health_stop.clone()));
+        tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, http_health, health_stop.clone()));
     }
     let max = cfg.admission.limits.max_message_bytes;
     // Windows a few chunks deep: enough to keep a link busy, small enough that a peer that

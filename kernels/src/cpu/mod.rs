@@ -383,17 +383,75 @@ impl ExpertBackend for CpuBackend {
     }
 }
 
-/// (available, total) bytes of host memory, from `/proc/meminfo`.
+/// (available, total) bytes of host memory: `/proc/meminfo`, bounded by the memory limit of this
+/// process's cgroup (a container's `limits.memory`) where there is one, since `/proc/meminfo`
+/// shows the whole machine.
 pub fn host_memory() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    bounded_memory(&meminfo, cgroup_memory())
+}
+
+/// A cgroup's memory limit and what counts against it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CgroupMemory {
+    pub limit: u64,
+    pub usage: u64,
+    /// Page cache the kernel reclaims before it would kill (not part of the working set).
+    pub inactive_file: u64,
+}
+
+/// The limit of this process's cgroup: v2 (`memory.max`, `memory.current`, `memory.stat`) or v1
+/// (`memory.limit_in_bytes`, ...). None without a limit.
+fn cgroup_memory() -> Option<CgroupMemory> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    if let Some(max) = read("/sys/fs/cgroup/memory.max") {
+        return parse_cgroup_memory(
+            &max,
+            &read("/sys/fs/cgroup/memory.current")?,
+            &read("/sys/fs/cgroup/memory.stat")?,
+        );
+    }
+    parse_cgroup_memory(
+        &read("/sys/fs/cgroup/memory/memory.limit_in_bytes")?,
+        &read("/sys/fs/cgroup/memory/memory.usage_in_bytes")?,
+        &read("/sys/fs/cgroup/memory/memory.stat")?,
+    )
+}
+
+/// `max` (`max` or bytes; v1 writes a huge number for none), `current` (bytes), `stat` (lines
+/// `key value`: `inactive_file`, or v1's `total_inactive_file`).
+pub fn parse_cgroup_memory(max: &str, current: &str, stat: &str) -> Option<CgroupMemory> {
+    let limit: u64 = max.trim().parse().ok().filter(|&l| l < 1 << 60)?;
+    let usage: u64 = current.trim().parse().ok()?;
     let field = |name: &str| {
-        text.lines()
+        stat.lines().find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.trim().parse::<u64>().ok()).flatten()
+        })
+    };
+    let inactive_file = field("inactive_file").or_else(|| field("total_inactive_file")).unwrap_or(0);
+    Some(CgroupMemory { limit, usage, inactive_file })
+}
+
+/// (available, total) from `/proc/meminfo` text and the cgroup limit: the smaller of the machine's
+/// and the cgroup's, the cgroup's available being its limit less its working set.
+pub fn bounded_memory(meminfo: &str, cgroup: Option<CgroupMemory>) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        meminfo
+            .lines()
             .find(|l| l.starts_with(name))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<u64>().ok())
             .map(|kb| kb * 1024)
     };
-    Some((field("MemAvailable:")?, field("MemTotal:")?))
+    let (available, total) = (field("MemAvailable:")?, field("MemTotal:")?);
+    Some(match cgroup {
+        Some(c) => {
+            let working_set = c.usage.saturating_sub(c.inactive_file);
+            (available.min(c.limit.saturating_sub(working_set)), total.min(c.limit))
+        }
+        None => (available, total),
+    })
 }
 
 /// `out[m, n] = a[m, k] . b[n, k]^T`, all row-major, f32, on the current rayon pool.
@@ -463,4 +521,38 @@ pub fn gemm_gflops(n: usize, reps: usize) -> f64 {
     }
     let s = t.elapsed().as_secs_f64();
     2.0 * (n as f64).powi(3) * reps.max(1) as f64 / s / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEMINFO: &str = "MemTotal:       65536000 kB\nMemFree:         1000 kB\nMemAvailable:   32768000 kB\n";
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn machine_memory_without_a_cgroup_limit() {
+        assert_eq!(bounded_memory(MEMINFO, None), Some((32768000 * 1024, 65536000 * 1024)));
+        assert_eq!(parse_cgroup_memory("max\n", "123\n", "inactive_file 0\n"), None);
+        // cgroup v1 without a limit writes a page-rounded i64::MAX.
+        assert_eq!(parse_cgroup_memory("9223372036854771712\n", "123\n", ""), None);
+        assert_eq!(bounded_memory("MemTotal: 1 kB\n", None), None, "no MemAvailable");
+    }
+
+    #[test]
+    fn a_container_limit_bounds_both_and_page_cache_does_not_count() {
+        // 16 GiB limit, 6 GiB charged of which 2 GiB is reclaimable page cache: 12 GiB available.
+        let c = parse_cgroup_memory(
+            &format!("{}\n", 16 * GIB),
+            &format!("{}\n", 6 * GIB),
+            &format!("anon 1\nfile 2\ninactive_file {}\nactive_file 5\n", 2 * GIB),
+        )
+        .unwrap();
+        assert_eq!(c, CgroupMemory { limit: 16 * GIB, usage: 6 * GIB, inactive_file: 2 * GIB });
+        assert_eq!(bounded_memory(MEMINFO, Some(c)), Some((12 * GIB, 16 * GIB)));
+        // v1 names it total_inactive_file; the machine's own available memory still bounds it.
+        let v1 = parse_cgroup_memory(&format!("{}", 64 * GIB), "0", &format!("total_inactive_file {}\n", GIB)).unwrap();
+        assert_eq!(v1.inactive_file, GIB);
+        assert_eq!(bounded_memory(MEMINFO, Some(v1)), Some((32768000 * 1024, 65536000 * 1024)));
+    }
 }
