@@ -5,7 +5,7 @@ UP_ARGS ?= --workers 4 --duration 20
 
 NVRTC_DIR ?= target/nvrtc-13.0
 
-.PHONY: deps build up test lint fmt bench cuda-check gpu-build
+.PHONY: deps build up test lint fmt bench cuda-check gpu-build k8s-check
 
 deps:
 	@./scripts/install-deps.sh
@@ -18,7 +18,7 @@ up: build
 	$(CARGO) run --quiet --release --bin expertmesh -- up $(UP_ARGS)
 
 ## The whole test suite: format, lints, unit and end-to-end tests, the GPU build and kernels.
-test: deps lint cuda-check
+test: deps lint cuda-check k8s-check
 	$(CARGO) test --workspace --all-targets
 
 lint:
@@ -31,6 +31,13 @@ cuda-check: deps
 	$(CARGO) clippy --workspace --all-targets --features expertmesh/cuda,expertmesh/nccl -- -D warnings
 	lib=$$(./scripts/install-nvrtc.sh $(NVRTC_DIR)) && \
 	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl
+
+## Every Kubernetes overlay renders (pinned kustomize; `kubectl kustomize` too where installed)
+## and validates strictly against a pinned Kubernetes release and the CRDs, and passes the rules
+## of deploy/k8s/check.py (Pod Security "restricted", budgets, policies, references, drain).
+k8s-check:
+	tools=$$(./scripts/install-k8s-tools.sh) && \
+	  PYTHONPATH="$$tools/python" "$$(./scripts/python-with-pip.sh)" deploy/k8s/check.py "$$tools" --self-test
 
 ## The binary for GPU machines (copied into .device-bin/ for scripts/gpu-check.sh).
 gpu-build: deps

@@ -38,14 +38,24 @@ async fn sigterm_and_cli_drain_move_experts_before_leaving() {
     let s = wait_status(&addr, Duration::from_secs(30), "w2 gone", |s| s["workers"].as_array().unwrap().len() == 2);
     assert_eq!(s["current_epoch"], 2, "one epoch for the drain, none for the exit: {s}");
 
-    // From outside: `expertmesh drain w1` waits until w1 has left.
+    // From outside, as a Kubernetes preStop hook runs it in the worker's container (the id and
+    // the coordinator from the worker's environment): it returns once the experts moved; then
+    // SIGTERM, as kubelet sends next, finds a drained worker, which leaves.
     let o = std::process::Command::new(BIN)
-        .args(["drain", "w1", "--coordinator", &addr, "--wait-s", "30"])
+        .args(["drain", "--until", "moved", "--wait-s", "30"])
+        .env("EXPERTMESH_WORKER_ID", "w1")
+        .env("EXPERTMESH_COORDINATOR", &addr)
         .output()
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "drain w1: {}{}", out, String::from_utf8_lossy(&o.stderr));
-    assert!(out.contains("w1 drained and left"), "{out}");
+    assert!(
+        out.contains("w1's experts moved away in placement epoch 3") || out.contains("w1 drained and left"),
+        "{out}"
+    );
+    let s = status_json(&addr);
+    assert_eq!(s["current_epoch"], 3, "the drain's epoch is committed when the hook returns: {s}");
+    signal(&cluster.workers[1], "-TERM");
     let status = wait_exit(&mut cluster.workers[1], Duration::from_secs(10)).expect("w1 exits after its drain");
     assert!(status.success(), "exit 0 after a drain, got {status}");
     let s = status_json(&addr);

@@ -10,6 +10,12 @@ use expertmesh_proto::v1::{ClusterStatusRequest, DrainRequest};
 use crate::env;
 use crate::tls::TlsArgs;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Until {
+    Left,
+    Moved,
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct DrainArgs {
     /// The worker to drain (its id, as `expertmesh status` lists it). From a worker's own
@@ -19,9 +25,14 @@ pub(crate) struct DrainArgs {
     /// Coordinator address; several, comma-separated: the first that answers.
     #[arg(long, env = env::COORDINATOR)]
     pub(crate) coordinator: String,
-    /// Wait at most this long for the worker to leave the cluster (0: do not wait).
+    /// Wait at most this long (0: do not wait) for what `--until` names.
     #[arg(long, default_value_t = 60)]
     pub(crate) wait_s: u64,
+    /// What to wait for: `left` (the worker has left the cluster) or `moved` (a committed
+    /// placement holds none of its experts; it is leaving). A Kubernetes preStop hook waits for
+    /// `moved`, so the hook ends before the worker's own exit would cut it short.
+    #[arg(long, value_enum, default_value_t = Until::Left)]
+    pub(crate) until: Until,
     /// An `admin` certificate, when the cluster runs mutual TLS.
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
@@ -36,6 +47,9 @@ pub(crate) async fn run(a: DrainArgs) -> Result<()> {
             "warning: no other worker can take {}'s experts; it stays until another joins or it is stopped",
             a.worker_id
         );
+        if a.until == Until::Moved {
+            return Ok(());
+        }
     }
     if a.wait_s == 0 {
         println!("drain of {} requested", a.worker_id);
@@ -44,13 +58,24 @@ pub(crate) async fn run(a: DrainArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.wait_s);
     loop {
         let s = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
-        let present = s.workers.iter().any(|w| w.info.as_ref().is_some_and(|i| i.worker_id == a.worker_id));
-        if !present {
-            println!("{} drained and left; placement epoch {}", a.worker_id, s.current_epoch);
-            return Ok(());
+        let me = s.workers.iter().find(|w| w.info.as_ref().is_some_and(|i| i.worker_id == a.worker_id));
+        match me {
+            None => {
+                println!("{} drained and left; placement epoch {}", a.worker_id, s.current_epoch);
+                return Ok(());
+            }
+            Some(w) if a.until == Until::Moved && w.draining && w.experts_held == 0 => {
+                println!("{}'s experts moved away in placement epoch {}; it is leaving", a.worker_id, s.current_epoch);
+                return Ok(());
+            }
+            Some(_) => {}
         }
         if Instant::now() >= deadline {
-            bail!("{} has not left after {} s; `expertmesh status` shows where it stands", a.worker_id, a.wait_s);
+            let what = match a.until {
+                Until::Left => "has not left",
+                Until::Moved => "still holds experts",
+            };
+            bail!("{} {what} after {} s; `expertmesh status` shows where it stands", a.worker_id, a.wait_s);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
