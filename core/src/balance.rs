@@ -300,7 +300,8 @@ pub fn place(p: &Problem) -> Result<Placement> {
         v
     };
     let groups = p.groups.max(1);
-    let hierarchical_fits = groups > 1 && experts.is_multiple_of(groups) && nodes.len() > 1 && groups.is_multiple_of(nodes.len());
+    let hierarchical_fits =
+        groups > 1 && experts.is_multiple_of(groups) && nodes.len() > 1 && groups.is_multiple_of(nodes.len());
     let policy = match p.policy {
         Policy::Auto if hierarchical_fits && min_r == 1 => Policy::Hierarchical,
         Policy::Auto => Policy::Global,
