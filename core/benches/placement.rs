@@ -67,7 +67,7 @@ fn replicate_experts(weight: &[f64], physical: usize) -> (Vec<usize>, Vec<usize>
 
 /// EPLB's `rebalance_experts` for one layer: its slots (device, expert, share = 1 / count).
 fn eplb_layer(w: &[f64], physical: usize, groups: usize, nodes: usize, gpus: usize) -> Vec<Slot> {
-    let (groups, nodes) = if groups % nodes == 0 { (groups, nodes) } else { (1, 1) };
+    let (groups, nodes) = if groups.is_multiple_of(nodes) { (groups, nodes) } else { (1, 1) };
     let experts = w.len();
     let group_size = experts / groups;
     let group_load: Vec<f64> = (0..groups).map(|g| w[g * group_size..(g + 1) * group_size].iter().sum()).collect();
