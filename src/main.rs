@@ -50,6 +50,9 @@ enum Cmd {
     /// Size a cluster for a model and a workload: memory per device, placement, traffic,
     /// roofline step time and tokens/s; or search for the smallest inventory (docs/planner.md).
     Plan(cmd::plan::PlanArgs),
+    /// Load-balanced expert placement: `simulate` runs the algorithm offline on given loads,
+    /// `show` the live plan of a cluster with its per-device load and imbalance.
+    Placement(cmd::placement::PlacementArgs),
     /// One device's backend without a cluster: conformance against the float64 reference
     /// (`check`), the start-up probe (`probe`), expert FFN rates at model shapes (`bench`).
     Backend(cmd::backend::BackendArgs),
@@ -122,6 +125,7 @@ fn run() -> Result<()> {
             Cmd::Plan(a) => cmd::plan::plan(a).await,
             Cmd::Certs(a) => cmd::certs::run(a),
             Cmd::Backend(a) => cmd::backend::run(a),
+            Cmd::Placement(a) => cmd::placement::run(a).await,
         }
     })
 }

@@ -8,6 +8,7 @@ pub(crate) mod coordinator;
 pub(crate) mod drain;
 pub(crate) mod forward;
 pub(crate) mod gen;
+pub(crate) mod placement;
 pub(crate) mod plan;
 pub(crate) mod status;
 pub(crate) mod up;
