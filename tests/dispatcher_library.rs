@@ -188,7 +188,9 @@ async fn a_dispatcher_over_a_collective_group_matches_the_reference() {
             .collect(),
         layers: vec![LayerPlacement {
             layer: layer as u32,
-            experts: (0..spec.n_routed as u32).map(|e| Replicas { workers: vec![u32::from(e >= half)] }).collect(),
+            experts: (0..spec.n_routed as u32)
+                .map(|e| Replicas { workers: vec![u32::from(e >= half)], shares: vec![] })
+                .collect(),
         }],
         ..Default::default()
     };

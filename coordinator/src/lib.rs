@@ -4,6 +4,7 @@
 //! real etcd).
 
 pub mod error;
+pub mod rebalance;
 pub mod service;
 
 pub use error::{CoordinatorError, Result};

@@ -78,6 +78,24 @@ pub struct CoordinatorConfig {
     pub store_tls: Option<Tls>,
     /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_listen: Option<SocketAddr>,
+    /// Replicas per layer beyond `replicas` copies of every expert, given to the hottest.
+    pub redundant_experts: usize,
+    /// Rebalance when the committed plan's imbalance under the window's loads passes this
+    /// (max over workers of load per throughput, over the ideal); 0: never.
+    pub rebalance_threshold: f64,
+    /// The load window, and the least time between two rebalances.
+    pub rebalance_interval: Duration,
+    /// Tokens the window must hold before its loads are trusted.
+    pub rebalance_min_tokens: u64,
+    /// Keep an expert where it is when that worker is within this (relative load) of the best:
+    /// fewer bytes move, for a little balance.
+    pub stickiness: f64,
+}
+
+impl CoordinatorConfig {
+    /// Defaults for the load-balancing settings: 0 redundant experts; rebalance past 1.5 over a
+    /// 5-minute window of at least 100k tokens; stickiness 0.1.
+    pub const DEFAULT_REBALANCE: (usize, f64, Duration, u64, f64) = (0, 1.5, Duration::from_secs(300), 100_000, 0.1);
 }
 
 #[derive(Debug)]
@@ -169,6 +187,14 @@ struct State {
     suspects: BTreeMap<String, String>,
     /// NCCL unique ids rank 0 of each group reported: (epoch, group) -> id.
     nccl_ids: BTreeMap<(u64, String), Vec<u8>>,
+    /// Expert loads of the recent past (what placement balances); None until configured.
+    window: Option<crate::rebalance::LoadWindow>,
+    /// When the committed plan last changed, or a rebalance was last considered.
+    rebalanced_at: Option<Instant>,
+    /// Load-balancing proposals made since start.
+    rebalances: u64,
+    /// The policy of the latest proposal.
+    policy: String,
 }
 
 impl State {
@@ -248,7 +274,14 @@ pub struct CoordinatorCore {
     /// Members whose arrival was logged, as they registered: a resync that reads an unchanged
     /// member again logs nothing at info.
     announced: std::sync::Mutex<HashMap<String, WorkerInfo>>,
+    /// A standby's last write of each worker's load report to the store (for the leader, which
+    /// balances by them), at most every LOAD_FORWARD.
+    forwarded: std::sync::Mutex<HashMap<String, Instant>>,
 }
+
+/// How often a standby coordinator passes a worker's load report on to the leader (through
+/// the store).
+const LOAD_FORWARD: Duration = Duration::from_secs(5);
 
 /// The coordinator's metrics, as of the last health check.
 #[derive(Debug, Default)]
@@ -265,11 +298,15 @@ struct Gauges {
 impl CoordinatorCore {
     pub fn new(cfg: CoordinatorConfig, store: Arc<dyn MetadataStore>) -> Result<Arc<Self>> {
         let spec = ModelSpec::from_config_json(&cfg.model_config_json)?;
+        let state = State {
+            window: Some(crate::rebalance::LoadWindow::new(cfg.rebalance_interval, &spec.moe_layers(), spec.n_routed)),
+            ..State::default()
+        };
         Ok(Arc::new(Self {
             keys: ClusterKeys::new(&cfg.cluster),
             cfg,
             spec,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             store,
             events: broadcast::channel(64).0,
             policy: Box::new(CapacitySpread),
@@ -277,6 +314,7 @@ impl CoordinatorCore {
             epoch_floor: AtomicU64::new(0),
             gauges: Gauges::default(),
             announced: std::sync::Mutex::new(HashMap::new()),
+            forwarded: std::sync::Mutex::new(HashMap::new()),
             checking: std::sync::Mutex::new(BTreeSet::new()),
             verifying: std::sync::Mutex::new(BTreeSet::new()),
         }))
@@ -382,11 +420,29 @@ impl CoordinatorCore {
                     .ok()
                     .filter(|r| expertmesh_cluster::validate::check_load_report(&self.spec, r).is_ok());
                 if let (Some(m), Some(r)) = (st.members.get_mut(&id), report) {
-                    m.last_seen = Instant::now();
-                    m.load = r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
+                    let now = Instant::now();
+                    m.last_seen = now;
+                    let new: HashMap<(u32, u32), u64> =
+                        r.experts.into_iter().map(|e| ((e.layer, e.expert), e.tokens)).collect();
+                    // The window counts what was computed since the last report (a counter that
+                    // went down restarted: its new value counts).
+                    let deltas: Vec<((u32, u32), u64)> = new
+                        .iter()
+                        .map(|(k, &v)| {
+                            let old = m.load.get(k).copied().unwrap_or(0);
+                            (*k, if v >= old { v - old } else { v })
+                        })
+                        .filter(|(_, d)| *d > 0)
+                        .collect();
+                    m.load = new;
                     (m.resident_bytes, m.rss_bytes) = (r.resident_bytes, r.rss_bytes);
                     let rate = if r.load_bytes_per_s.is_finite() { r.load_bytes_per_s.max(0.0) } else { 0.0 };
                     m.loading = (r.load_done_bytes.min(r.load_total_bytes), r.load_total_bytes, rate);
+                    if let Some(w) = st.window.as_mut() {
+                        for ((layer, expert), d) in deltas {
+                            w.add(layer, expert, d, now);
+                        }
+                    }
                 }
             }
             (Key::Drain(id), Some(_)) if st.draining.insert(id.clone()) => {
@@ -450,6 +506,7 @@ impl CoordinatorCore {
                         if State::epoch_of(&st.pending) <= epoch {
                             st.pending = None;
                         }
+                        st.rebalanced_at = Some(Instant::now());
                         st.current = Some(p.clone());
                         let _ = self.events.send(PlacementEvent { plan: Some(p), committed: true });
                     }
@@ -512,6 +569,13 @@ impl CoordinatorCore {
             }
         }
         st.changed_at = Some(old.changed_at.unwrap_or_else(Instant::now));
+        // The load window and the rebalance clock are this process's own too.
+        st.window = old.window;
+        st.rebalances = old.rebalances;
+        st.policy = old.policy;
+        if State::epoch_of(&old.current) == State::epoch_of(&st.current) {
+            st.rebalanced_at = old.rebalanced_at;
+        }
         if old.current.as_ref().map(|p| p.epoch) != st.current.as_ref().map(|p| p.epoch) {
             info!(
                 workers = st.members.len(),
@@ -663,6 +727,8 @@ impl CoordinatorCore {
             if enough && st.failed_for.as_ref() != Some(&desired) {
                 self.propose(&mut st, desired).await?;
             }
+        } else if settled || st.changed_at.is_none() {
+            self.maybe_rebalance(&mut st).await?;
         }
         if let Some(p) = &st.pending {
             let all_ready =
@@ -924,47 +990,146 @@ impl CoordinatorCore {
         Ok(())
     }
 
-    async fn propose(&self, st: &mut State, workers: Vec<WorkerInfo>) -> Result<()> {
-        let caps: Vec<WorkerCapacity> = workers
-            .iter()
-            .map(|w| WorkerCapacity {
-                id: w.worker_id.clone(),
-                node: w.node.clone(),
-                memory_bytes: w.devices.iter().map(|d| d.memory_bytes).sum(),
-                tflops: expertmesh_cluster::groups::pooled_tflops(&workers, w),
-            })
-            .collect();
-        let req = PlacementRequest {
-            layers: self.spec.moe_layers(),
-            experts: self.spec.n_routed,
-            expert_bytes: self.cfg.expert_bytes,
-            replicas: self.cfg.replicas,
-        };
-        let plan = match self.policy.place(&req, &caps) {
-            Ok(p) => p,
+    /// Leader only, with the plan current and nothing pending: when the committed plan's
+    /// imbalance under the window's loads passes the threshold and a new plan would cut it by a
+    /// tenth or more, propose that plan (same workers; the epoch protocol moves the experts).
+    async fn maybe_rebalance(&self, st: &mut State) -> Result<()> {
+        let cfg = &self.cfg;
+        if cfg.rebalance_threshold <= 0.0 || st.pending.is_some() || !st.plan_is_current() || st.degraded() {
+            return Ok(());
+        }
+        let Some(current) = st.current.clone() else { return Ok(()) };
+        let now = Instant::now();
+        if st.rebalanced_at.is_some_and(|t| now.duration_since(t) < cfg.rebalance_interval) {
+            return Ok(());
+        }
+        let Some((loads, total, _)) = st.window.as_ref().map(|w| w.loads(now)) else { return Ok(()) };
+        if total < cfg.rebalance_min_tokens as f64 {
+            return Ok(());
+        }
+        st.rebalanced_at = Some(now);
+        let layers = self.spec.moe_layers();
+        let devices = crate::rebalance::devices(&current.workers, cfg.expert_bytes);
+        let now_imb = crate::rebalance::placement_of(&current, &current.workers, &layers).imbalance(&loads, &devices);
+        if now_imb < cfg.rebalance_threshold {
+            debug!(imbalance = format!("{now_imb:.3}"), "load balanced enough; no rebalance");
+            return Ok(());
+        }
+        match self.balanced(&current.workers, &loads, Some(&current)) {
+            Ok((p, _)) => {
+                let next = p.imbalance(&loads, &devices);
+                if next > now_imb * 0.9 {
+                    info!(
+                        imbalance = format!("{now_imb:.3}"),
+                        best = format!("{next:.3}"),
+                        "load imbalance past --rebalance-threshold, but no plan would cut it by a tenth; keeping the placement"
+                    );
+                    return Ok(());
+                }
+                let before = crate::rebalance::placement_of(&current, &current.workers, &layers);
+                let moved: u64 =
+                    expertmesh_core::balance::bytes_moved(&before, &p, &vec![cfg.expert_bytes; devices.len()])
+                        .iter()
+                        .sum();
+                info!(
+                    imbalance = format!("{now_imb:.3}"),
+                    predicted = format!("{next:.3}"),
+                    window_tokens = total as u64,
+                    bytes_to_load = moved,
+                    "rebalancing expert placement"
+                );
+                st.rebalances += 1;
+                self.propose(st, current.workers.clone()).await
+            }
             Err(e) => {
-                warn!(error = %e, workers = workers.len(), "cannot place experts on the current workers; waiting for membership to change");
-                st.failed_for = Some(workers);
-                return Ok(());
+                warn!(error = %e, "cannot compute a balanced placement; keeping the current one");
+                Ok(())
+            }
+        }
+    }
+
+    /// The balanced placement of every MoE layer over `workers` for `loads` (uniform where none
+    /// are known), staying near `current` where that costs little balance.
+    fn balanced(
+        &self,
+        workers: &[WorkerInfo],
+        loads: &[Vec<f64>],
+        current: Option<&PlacementPlan>,
+    ) -> std::result::Result<
+        (expertmesh_core::balance::Placement, Vec<expertmesh_core::balance::Device>),
+        expertmesh_core::CoreError,
+    > {
+        let layers = self.spec.moe_layers();
+        let devices = crate::rebalance::devices(workers, self.cfg.expert_bytes);
+        let experts = self.spec.n_routed;
+        let uniform;
+        let loads = if loads.iter().flatten().sum::<f64>() > 0.0 {
+            loads
+        } else {
+            uniform = vec![vec![1.0; experts]; layers.len()];
+            &uniform
+        };
+        let from = current.map(|c| crate::rebalance::placement_of(c, workers, &layers));
+        let p = expertmesh_core::balance::place(&expertmesh_core::balance::Problem {
+            loads,
+            devices: &devices,
+            physical: experts * self.cfg.replicas.max(1) + self.cfg.redundant_experts,
+            min_replicas: self.cfg.replicas.max(1),
+            groups: self.spec.n_group.max(1),
+            policy: expertmesh_core::balance::Policy::Auto,
+            current: from.as_ref(),
+            stickiness: self.cfg.stickiness,
+        })?;
+        Ok((p, devices))
+    }
+
+    async fn propose(&self, st: &mut State, workers: Vec<WorkerInfo>) -> Result<()> {
+        let layers = self.spec.moe_layers();
+        let loads = st.window.as_ref().map(|w| w.loads(Instant::now()).0).unwrap_or_default();
+        let balanced = self.balanced(&workers, &loads, st.current.as_ref());
+        let (plan_layers, policy) = match balanced {
+            Ok((p, _)) => (
+                crate::rebalance::layers_of(&p, &layers, self.spec.n_routed),
+                p.policy.unwrap_or_default().name().to_string(),
+            ),
+            Err(e) => {
+                // The balancer splits each worker's memory evenly over the layers; the spread
+                // below uses it whole, so it still fits where memory is tight.
+                debug!(error = %e, "balanced placement does not fit; spreading by capacity");
+                let caps: Vec<WorkerCapacity> =
+                    workers.iter().map(|w| crate::rebalance::capacity(w, &workers)).collect();
+                let req = PlacementRequest {
+                    layers: layers.clone(),
+                    experts: self.spec.n_routed,
+                    expert_bytes: self.cfg.expert_bytes,
+                    replicas: self.cfg.replicas,
+                };
+                match self.policy.place(&req, &caps) {
+                    Ok(p) => (
+                        p.layers
+                            .iter()
+                            .map(|(l, experts)| LayerPlacement {
+                                layer: *l as u32,
+                                experts: experts
+                                    .iter()
+                                    .map(|r| Replicas { workers: r.clone(), shares: vec![] })
+                                    .collect(),
+                            })
+                            .collect(),
+                        self.policy.name().to_string(),
+                    ),
+                    Err(e) => {
+                        warn!(error = %e, workers = workers.len(), "cannot place experts on the current workers; waiting for membership to change");
+                        st.failed_for = Some(workers);
+                        return Ok(());
+                    }
+                }
             }
         };
         let epoch = st.epoch.max(self.epoch_floor.load(Ordering::Acquire)) + 1;
         let draining: Vec<String> = st.draining.iter().filter(|d| st.members.contains_key(*d)).cloned().collect();
         let nccl_groups = expertmesh_cluster::groups::plan_groups(&workers);
-        let msg = PlacementPlan {
-            epoch,
-            workers,
-            layers: plan
-                .layers
-                .iter()
-                .map(|(l, experts)| LayerPlacement {
-                    layer: *l as u32,
-                    experts: experts.iter().map(|r| Replicas { workers: r.clone() }).collect(),
-                })
-                .collect(),
-            nccl_groups,
-            draining,
-        };
+        let msg = PlacementPlan { epoch, workers, layers: plan_layers, nccl_groups, draining };
         // Written once: a second leader racing for the same epoch loses here.
         let bytes = msg.encode_to_vec();
         if self.store.put_if(&self.keys.plan(epoch), bytes.clone(), 0, None).await?.is_none() {
@@ -977,9 +1142,10 @@ impl CoordinatorCore {
             epoch,
             workers = msg.workers.len(),
             draining = msg.draining.len(),
-            policy = self.policy.name(),
+            policy = %policy,
             "placement proposed"
         );
+        st.policy = policy;
         self.apply(st, &self.keys.plan(epoch), Some(&bytes));
         self.apply(st, &self.keys.pending(), Some(epoch.to_string().as_bytes()));
         Ok(())
@@ -1175,8 +1341,30 @@ impl Coordinator for CoordinatorService {
         let c = &self.core;
         expertmesh_cluster::validate::check_load_report(&c.spec, &r)
             .map_err(|e| Status::invalid_argument(format!("report_load: {e}")))?;
-        let mut st = c.state.lock().await;
-        c.apply(&mut st, &c.keys.load(&r.worker_id), Some(&r.encode_to_vec()));
+        let bytes = r.encode_to_vec();
+        {
+            let mut st = c.state.lock().await;
+            c.apply(&mut st, &c.keys.load(&r.worker_id), Some(&bytes));
+        }
+        // A standby passes the numbers on to the leader through the store, under the worker's
+        // lease, now and then (the leader balances placement by them).
+        if !c.is_leader() {
+            let due = c.forwarded.lock().is_ok_and(|mut f| {
+                let due = f.get(&r.worker_id).is_none_or(|t| t.elapsed() >= LOAD_FORWARD);
+                if due {
+                    f.insert(r.worker_id.clone(), Instant::now());
+                }
+                due
+            });
+            if due {
+                if let Ok(Some(kv)) = c.store.get(&c.keys.worker(&r.worker_id)).await {
+                    let lease = (kv.lease != 0).then_some(kv.lease);
+                    if let Err(e) = c.store.put(&c.keys.load(&r.worker_id), bytes, lease).await {
+                        debug!(worker = %r.worker_id, error = %e, "cannot pass a load report on to the leader");
+                    }
+                }
+            }
+        }
         Ok(Response::new(ReportLoadResponse {}))
     }
 
@@ -1240,6 +1428,27 @@ impl Coordinator for CoordinatorService {
         authorize(&req, "ClusterStatus", Need::Cluster)?;
         let c = &self.core;
         let st = c.state.lock().await;
+        let layers = c.spec.moe_layers();
+        let (window, window_total, window_s) =
+            st.window.as_ref().map(|w| w.loads(Instant::now())).unwrap_or((Vec::new(), 0.0, 0.0));
+        let imbalance = match &st.current {
+            Some(p) if window_total > 0.0 => {
+                let devices = crate::rebalance::devices(&p.workers, c.cfg.expert_bytes);
+                crate::rebalance::placement_of(p, &p.workers, &layers).imbalance(&window, &devices)
+            }
+            _ => 0.0,
+        };
+        let window_loads: Vec<ExpertLoad> = window
+            .iter()
+            .zip(&layers)
+            .flat_map(|(w, &l)| {
+                w.iter().enumerate().filter(|(_, t)| **t > 0.0).map(move |(e, &t)| ExpertLoad {
+                    layer: l as u32,
+                    expert: e as u32,
+                    tokens: t as u64,
+                })
+            })
+            .collect();
         let held = |id: &str| -> u32 {
             let Some(p) = &st.current else { return 0 };
             let Some(idx) = p.workers.iter().position(|w| w.worker_id == id) else { return 0 };
@@ -1297,6 +1506,11 @@ impl Coordinator for CoordinatorService {
                 sum.into_iter().map(|((layer, expert), tokens)| ExpertLoad { layer, expert, tokens }).collect()
             },
             mutual_tls: c.cfg.tls.is_some(),
+            window_loads,
+            window_s,
+            imbalance,
+            rebalances: st.rebalances,
+            placement_policy: st.policy.clone(),
             expect_workers: c.cfg.expect_workers as u32,
             pending_waits_for: match &st.pending {
                 None => Vec::new(),

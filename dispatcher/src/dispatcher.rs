@@ -47,6 +47,9 @@ pub struct RouteTable {
     pub workers: Vec<WorkerInfo>,
     /// layer -> expert -> replica worker indices.
     pub layers: HashMap<u32, Vec<Vec<u32>>>,
+    /// layer -> expert -> each replica's share of the expert's rows (the order of `layers`);
+    /// an expert missing here, or with shares that do not fit its replicas, splits evenly.
+    pub shares: HashMap<u32, Vec<Vec<f32>>>,
 }
 
 impl RouteTable {
@@ -55,6 +58,33 @@ impl RouteTable {
             epoch: p.epoch,
             workers: p.workers.clone(),
             layers: p.layers.iter().map(|l| (l.layer, l.experts.iter().map(|r| r.workers.clone()).collect())).collect(),
+            shares: p
+                .layers
+                .iter()
+                .filter(|l| l.experts.iter().any(|r| !r.shares.is_empty()))
+                .map(|l| {
+                    let valid = |r: &expertmesh_proto::v1::Replicas| {
+                        r.shares.len() == r.workers.len()
+                            && r.shares.iter().all(|x| x.is_finite() && *x >= 0.0)
+                            && r.shares.iter().sum::<f32>() > 0.0
+                    };
+                    (l.layer, l.experts.iter().map(|r| if valid(r) { r.shares.clone() } else { Vec::new() }).collect())
+                })
+                .collect(),
+        }
+    }
+
+    /// The shares of `live` (worker indices among expert `e`'s replicas in `layer`); even when
+    /// the plan gives none.
+    fn live_shares(&self, layer: u32, e: u32, live: &[u32]) -> Vec<f64> {
+        let reps = self.layers.get(&layer).and_then(|l| l.get(e as usize));
+        let shares = self.shares.get(&layer).and_then(|l| l.get(e as usize)).filter(|s| !s.is_empty());
+        match (reps, shares) {
+            (Some(reps), Some(shares)) => live
+                .iter()
+                .map(|w| reps.iter().position(|r| r == w).and_then(|i| shares.get(i)).map_or(0.0, |&x| f64::from(x)))
+                .collect(),
+            _ => vec![1.0; live.len()],
         }
     }
 
@@ -162,6 +192,41 @@ enum SendEvent {
     Done { send: u64 },
     /// The stream ended with an error before every chunk was answered.
     Failed { send: u64, err: Error },
+}
+
+/// A number in [0, 1) from `x` (SplitMix64's finaliser).
+fn unit_hash(x: u64) -> f64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// `n` rows over replicas with these shares (any non-negative scale; all zero: even): replica
+/// `i` gets `floor(n * C_i + offset) - floor(n * C_(i-1) + offset)`, `C` the cumulative
+/// normalised shares. The counts sum to `n`, each is within one of `n x share`, and over
+/// offsets uniform in [0, 1) each averages exactly `n x share`.
+pub fn split_by_shares(n: usize, shares: &[f64], offset: f64) -> Vec<usize> {
+    if shares.is_empty() {
+        return Vec::new();
+    }
+    let total: f64 = shares.iter().filter(|x| x.is_finite() && **x > 0.0).sum();
+    let norm: Vec<f64> = if total > 0.0 {
+        shares.iter().map(|&x| if x.is_finite() && x > 0.0 { x / total } else { 0.0 }).collect()
+    } else {
+        vec![1.0 / shares.len() as f64; shares.len()]
+    };
+    let mut out = Vec::with_capacity(shares.len());
+    let (mut cum, mut prev) = (0.0, 0usize);
+    for (i, s) in norm.iter().enumerate() {
+        cum += s;
+        let edge = if i + 1 == norm.len() { n } else { ((n as f64 * cum + offset).floor() as usize).min(n) };
+        let edge = edge.max(prev);
+        out.push(edge - prev);
+        prev = edge;
+    }
+    out
 }
 
 /// Routes MoE layers across the cluster.
@@ -951,11 +1016,20 @@ impl<'a> Flight<'a> {
                 continue;
             }
             pairs.sort_unstable();
-            let n = live.len();
-            let per = pairs.len().div_ceil(n).max(1);
-            for (i, part) in pairs.chunks(per).enumerate() {
-                let w = live[(i + self.rid as usize + e as usize) % n];
-                dests.entry(w).or_default().push((e, part.to_vec()));
+            // Rows over the live replicas by their shares: systematic sampling with an offset
+            // that varies by request and expert, so that even one row per request follows the
+            // shares over many requests.
+            let shares = table.live_shares(layer, e, &live);
+            let offset = unit_hash(self.rid ^ (u64::from(e) << 40) ^ u64::from(layer) << 20);
+            let counts = split_by_shares(pairs.len(), &shares, offset);
+            let mut rest = pairs.as_slice();
+            for (i, n) in counts.into_iter().enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                let (part, tail) = rest.split_at(n);
+                rest = tail;
+                dests.entry(live[i]).or_default().push((e, part.to_vec()));
             }
         }
         if self.blocked.is_empty() && self.stale.is_empty() {
@@ -1198,6 +1272,34 @@ pub fn route_table_channel() -> (RouteTableTx, RouteTableRx) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_split_over_replicas_by_their_shares() {
+        for (n, shares) in
+            [(10, vec![0.7, 0.3]), (1, vec![0.5, 0.25, 0.25]), (7, vec![1.0, 0.0, 2.0]), (5, vec![0.0, 0.0])]
+        {
+            let total: f64 = shares.iter().sum();
+            let mut mean = vec![0.0; shares.len()];
+            let rounds = 1000;
+            for r in 0..rounds {
+                let c = split_by_shares(n, &shares, unit_hash(r));
+                assert_eq!(c.iter().sum::<usize>(), n, "{shares:?}");
+                for (i, &k) in c.iter().enumerate() {
+                    let want = if total > 0.0 { n as f64 * shares[i] / total } else { n as f64 / shares.len() as f64 };
+                    assert!((k as f64 - want).abs() < 1.0 + 1e-9, "{c:?} for {shares:?}");
+                    mean[i] += k as f64 / rounds as f64;
+                }
+            }
+            for (i, m) in mean.iter().enumerate() {
+                let want = if total > 0.0 { n as f64 * shares[i] / total } else { n as f64 / shares.len() as f64 };
+                assert!(
+                    (m - want).abs() < 0.05 * n as f64 + 0.03,
+                    "replica {i} of {shares:?}: {m} rows on average, want {want}"
+                );
+            }
+        }
+        assert!(split_by_shares(3, &[], 0.5).is_empty());
+    }
     use expertmesh_proto::v1::{ExpertBatch, ExpertResult};
 
     #[test]
@@ -1379,6 +1481,7 @@ mod tests {
             epoch: 3,
             workers: vec![worker(0), worker(1)],
             layers: HashMap::from([(0, vec![vec![1, 0]; spec.n_routed])]),
+            shares: HashMap::new(),
         };
         let (tx, rx) = route_table_channel();
         tx.send(Some(Arc::new(table))).unwrap();

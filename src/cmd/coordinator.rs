@@ -44,11 +44,42 @@ pub(crate) struct CoordinatorArgs {
     /// the next plans for as long again, so it never blocks re-planning for the others.
     #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
     pub(crate) ready_timeout_ms: u64,
+    /// Extra expert replicas per layer, beyond --replicas copies of every expert: placement
+    /// gives them to the experts with the most load per replica.
+    #[arg(long, default_value_t = CoordinatorConfig::DEFAULT_REBALANCE.0, env = env::REDUNDANT_EXPERTS)]
+    pub(crate) redundant_experts: usize,
+    /// Rebalance the placement when its imbalance under the load of the last window (max over
+    /// workers of load per throughput, over the ideal) passes this; 0: never.
+    #[arg(long, default_value_t = CoordinatorConfig::DEFAULT_REBALANCE.1, env = env::REBALANCE_THRESHOLD)]
+    pub(crate) rebalance_threshold: f64,
+    /// The load window placement balances over, and the least time between two rebalances.
+    #[arg(long, default_value_t = CoordinatorConfig::DEFAULT_REBALANCE.2.as_secs_f64(), env = env::REBALANCE_INTERVAL_S)]
+    pub(crate) rebalance_interval_s: f64,
+    /// Tokens the window must hold before a rebalance is considered.
+    #[arg(long, default_value_t = CoordinatorConfig::DEFAULT_REBALANCE.3, env = env::REBALANCE_MIN_TOKENS)]
+    pub(crate) rebalance_min_tokens: u64,
+    /// Keep an expert on its worker when that worker is within this fraction of the best
+    /// choice's load per throughput: higher moves fewer bytes per rebalance, lower balances
+    /// better.
+    #[arg(long, default_value_t = CoordinatorConfig::DEFAULT_REBALANCE.4, env = env::STICKINESS)]
+    pub(crate) stickiness: f64,
     #[command(flatten)]
     pub(crate) server: ServerArgs,
 }
 
 pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
+    if !(a.rebalance_threshold == 0.0 || a.rebalance_threshold >= 1.0) || !a.rebalance_threshold.is_finite() {
+        anyhow::bail!(
+            "--rebalance-threshold {}: expected 0 (never) or an imbalance of at least 1.0 (perfect balance)",
+            a.rebalance_threshold
+        );
+    }
+    if !(a.rebalance_interval_s.is_finite() && a.rebalance_interval_s >= 0.1) {
+        anyhow::bail!("--rebalance-interval-s {}: expected at least 0.1 seconds", a.rebalance_interval_s);
+    }
+    if !(a.stickiness.is_finite() && a.stickiness >= 0.0) {
+        anyhow::bail!("--stickiness {}: expected a non-negative fraction (0.1: within 10%)", a.stickiness);
+    }
     let tls = a.server.tls.load()?;
     let store_tls = a.server.etcd_tls.load(tls.as_ref())?;
     let ck = Checkpoint::open(&a.model).with_context(|| format!("opening model {}", a.model.display()))?;
@@ -71,6 +102,11 @@ pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
         tls,
         store_tls,
         metrics_listen: a.server.metrics_listen,
+        redundant_experts: a.redundant_experts,
+        rebalance_threshold: a.rebalance_threshold,
+        rebalance_interval: Duration::from_secs_f64(a.rebalance_interval_s),
+        rebalance_min_tokens: a.rebalance_min_tokens,
+        stickiness: a.stickiness,
     };
     let listener = tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("binding {}", a.listen))?;
     let ready = |addr| {

@@ -177,7 +177,7 @@ fn cluster_from_file(
         if eb == 0 || p.nodes == 0 || p.devices_per_node == 0 {
             bail!("--cluster: pool `{name}`: nodes, devices_per_node and expert_bytes must be positive");
         }
-        if !(p.throughput.is_finite() && p.throughput > 0.0) || !(p.memory_gib.is_finite() && p.memory_gib >= 0.0) {
+        if !(p.throughput.is_finite() && p.throughput > 0.0 && p.memory_gib.is_finite() && p.memory_gib >= 0.0) {
             bail!("--cluster: pool `{name}`: throughput must be positive and memory_gib non-negative");
         }
         let slots = ((p.memory_gib * (1u64 << 30) as f64) / eb as f64).floor() as usize;
@@ -377,6 +377,122 @@ pub(crate) async fn run(a: PlacementArgs) -> Result<()> {
 }
 
 async fn show(a: ShowArgs) -> Result<()> {
-    let _ = (&a.coordinator, a.json, &a.tls);
-    bail!("placement show: not yet")
+    use expertmesh_proto::v1::{ClusterStatusRequest, GetPlacementRequest};
+    let tls = a.tls.load()?;
+    let mut c = expertmesh_cluster::control::connect_coordinator(
+        &a.coordinator,
+        std::time::Duration::from_secs(5),
+        tls.as_ref(),
+    )
+    .await?;
+    let status = c.cluster_status(ClusterStatusRequest {}).await?.into_inner();
+    let plan = c.get_placement(GetPlacementRequest {}).await?.into_inner();
+    if plan.epoch == 0 || plan.workers.is_empty() {
+        bail!("no placement committed yet (the cluster waits for {} workers)", status.expect_workers);
+    }
+    let layers: Vec<usize> = {
+        let mut v: Vec<usize> = plan.layers.iter().map(|l| l.layer as usize).collect();
+        v.sort_unstable();
+        v
+    };
+    let experts = status.routed_experts as usize;
+    let row: std::collections::HashMap<u32, usize> = layers.iter().enumerate().map(|(i, &l)| (l as u32, i)).collect();
+    let mut loads = vec![vec![0.0; experts]; layers.len()];
+    for e in &status.window_loads {
+        if let (Some(&l), true) = (row.get(&e.layer), (e.expert as usize) < experts) {
+            loads[l][e.expert as usize] += e.tokens as f64;
+        }
+    }
+    // Expert bytes do not matter here: slots only bound new plans.
+    let devices = expertmesh_coordinator::rebalance::devices(&plan.workers, 1);
+    let placement = expertmesh_coordinator::rebalance::placement_of(&plan, &plan.workers, &layers);
+    let per_layer = placement.layer_imbalance(&loads, &devices);
+    let total: f64 = loads.iter().flatten().sum();
+    let speed: f64 = devices.iter().map(|d| d.throughput).sum();
+    let mut worker_load = vec![0.0; devices.len()];
+    let mut replicas = vec![0usize; devices.len()];
+    for (l, layer) in placement.layers.iter().enumerate() {
+        for (d, x) in layer.device_loads(&loads[l], devices.len()).iter().enumerate() {
+            worker_load[d] += x;
+        }
+        for (d, n) in layer.device_slots(devices.len()).iter().enumerate() {
+            replicas[d] += n;
+        }
+    }
+    let relative: Vec<f64> = worker_load
+        .iter()
+        .zip(&devices)
+        .map(|(l, d)| if total > 0.0 { l / d.throughput / (total / speed) } else { 0.0 })
+        .collect();
+    let mut hot: Vec<(usize, usize, f64)> = loads
+        .iter()
+        .enumerate()
+        .flat_map(|(l, w)| w.iter().enumerate().map(move |(e, &t)| (l, e, t)))
+        .filter(|x| x.2 > 0.0)
+        .collect();
+    hot.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let hot_json = |l: usize, e: usize, t: f64| {
+        let reps: Vec<serde_json::Value> = placement.layers[l]
+            .slots
+            .iter()
+            .filter(|s| s.expert as usize == e)
+            .map(|s| serde_json::json!({"worker": plan.workers[s.device as usize].worker_id, "share": s.share}))
+            .collect();
+        serde_json::json!({"layer": layers[l], "expert": e, "tokens": t, "replicas": reps})
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "epoch": plan.epoch,
+            "policy": status.placement_policy,
+            "imbalance": status.imbalance,
+            "layer_imbalance": layers.iter().zip(&per_layer).map(|(l, x)| serde_json::json!({"layer": l, "imbalance": x})).collect::<Vec<_>>(),
+            "window_s": status.window_s,
+            "window_tokens": total,
+            "rebalances": status.rebalances,
+            "workers": plan.workers.iter().enumerate().map(|(i, w)| serde_json::json!({
+                "worker": w.worker_id, "node": w.node, "throughput": devices[i].throughput,
+                "replicas": replicas[i], "tokens": worker_load[i], "relative_load": relative[i],
+            })).collect::<Vec<_>>(),
+            "hottest": hot.iter().take(16).map(|&(l, e, t)| hot_json(l, e, t)).collect::<Vec<_>>(),
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    let policy = if status.placement_policy.is_empty() { "as committed" } else { status.placement_policy.as_str() };
+    println!(
+        "placement epoch {} ({policy}): {} workers, {} MoE layers x {experts} experts, {} replicas in all",
+        plan.epoch,
+        plan.workers.len(),
+        layers.len(),
+        replicas.iter().sum::<usize>()
+    );
+    if total <= 0.0 {
+        println!("no load in the last {:.0} s: nothing to balance yet", status.window_s);
+        return Ok(());
+    }
+    println!(
+        "load over the last {:.0} s: {total:.0} routed rows; imbalance {:.3} (max over workers of load per throughput, over the ideal; worst layer {:.3}); {} rebalances",
+        status.window_s,
+        status.imbalance,
+        per_layer.iter().copied().fold(0.0, f64::max),
+        status.rebalances
+    );
+    println!("{:<20} {:<12} {:>10} {:>9} {:>12} {:>9}", "worker", "node", "throughput", "replicas", "rows", "relative");
+    for (i, w) in plan.workers.iter().enumerate() {
+        println!(
+            "{:<20} {:<12} {:>10.3} {:>9} {:>12.0} {:>8.3}x",
+            w.worker_id, w.node, devices[i].throughput, replicas[i], worker_load[i], relative[i]
+        );
+    }
+    println!("hottest experts:");
+    for &(l, e, t) in hot.iter().take(5) {
+        let reps: Vec<String> = placement.layers[l]
+            .slots
+            .iter()
+            .filter(|s| s.expert as usize == e)
+            .map(|s| format!("{} {:.0}%", plan.workers[s.device as usize].worker_id, s.share * 100.0))
+            .collect();
+        println!("  layer {} expert {e}: {t:.0} rows ({:.1}%), on {}", layers[l], 100.0 * t / total, reps.join(", "));
+    }
+    Ok(())
 }

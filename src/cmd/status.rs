@@ -87,7 +87,10 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
                 "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
                 "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator,
                 "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "expect_workers": s.expect_workers,
-                "pending_waits_for": s.pending_waits_for, "workers": workers})
+                "pending_waits_for": s.pending_waits_for,
+                "placement_policy": s.placement_policy, "imbalance": s.imbalance, "rebalances": s.rebalances,
+                "window_s": s.window_s, "window_tokens": s.window_loads.iter().map(|e| e.tokens).sum::<u64>(),
+                "workers": workers})
         );
         return Ok(());
     }
@@ -102,6 +105,16 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
     println!("model {} ({} MoE layers x {} experts); {placement}", s.model_type, s.moe_layers, s.routed_experts);
     for w in &s.pending_waits_for {
         println!("  epoch {} waits for {w}", s.pending_epoch);
+    }
+    if s.imbalance > 0.0 {
+        println!(
+            "load balance: imbalance {:.3} over the last {:.0} s ({} rows; {}; {} rebalances; `expertmesh placement show` for more)",
+            s.imbalance,
+            s.window_s,
+            s.window_loads.iter().map(|e| e.tokens).sum::<u64>(),
+            if s.placement_policy.is_empty() { "policy as committed" } else { s.placement_policy.as_str() },
+            s.rebalances
+        );
     }
     println!(
         "coordinator {} ({}); leader {}",

@@ -461,3 +461,34 @@ pub fn get(port: u16, path: &str) -> (String, String) {
     assert!(head.contains("Content-Length"), "{head}");
     (head.lines().next().unwrap().to_string(), body.to_string())
 }
+
+/// Inputs that route most tokens to `hot` experts of each MoE layer: a token is, with
+/// probability `frac`, a hot expert's gate row (unit length, times `pull`) plus unit noise, else
+/// plain noise. With their float64 references.
+pub fn skewed_cases(dir: &Path, spec: &ModelSpec, tokens: usize, n: usize, hot: &[usize], frac: f64) -> Vec<Case> {
+    let shards = read_shards(dir);
+    let ck = RefCheckpoint::new(&shards).unwrap();
+    let layers = spec.moe_layers();
+    let gates: Vec<Vec<f64>> = layers.iter().map(|&l| RefLayer::load(spec, l, &ck).unwrap().gate).collect();
+    let h = spec.hidden;
+    (0..n)
+        .map(|i| {
+            let li = i % layers.len();
+            let mut r = SplitMix64::new(4242 + i as u64);
+            let mut x = Vec::with_capacity(tokens * h);
+            for _ in 0..tokens {
+                let pull = r.next_f64() < frac;
+                let e = hot[r.below(hot.len() as u64) as usize];
+                let g = &gates[li][e * h..(e + 1) * h];
+                let norm = g.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+                for &gv in g {
+                    let noise = r.normal();
+                    x.push((noise + if pull { 6.0 * gv / norm } else { 0.0 }) as f32);
+                }
+            }
+            let ids: Vec<i64> = (0..tokens).map(|_| r.below(spec.vocab_size as u64) as i64).collect();
+            let out = reference(dir, spec, layers[li], &x, tokens, Some(&ids));
+            (layers[li], x, ids, out.output)
+        })
+        .collect()
+}
