@@ -102,6 +102,8 @@ pub(crate) struct LocalOptions {
     pub(crate) worker_threads: Option<usize>,
     /// Mutual TLS on every link, with certificates generated into LOG_DIR/certs.
     pub(crate) tls: bool,
+    /// More flags for every coordinator.
+    pub(crate) coordinator_args: Vec<String>,
 }
 
 impl LocalOptions {
@@ -114,6 +116,7 @@ impl LocalOptions {
             lease_ttl_ms: 10_000,
             worker_threads,
             tls: false,
+            coordinator_args: Vec::new(),
         }
     }
 }
@@ -218,6 +221,7 @@ impl LocalCluster {
             if opts.tls {
                 args.extend(tls_flags(&certs, "coordinator"));
             }
+            args.extend(opts.coordinator_args.iter().cloned());
             let (c, addr) = spawn_ready(
                 &args,
                 &log_dir.join(if i == 0 { "coordinator.log".to_string() } else { format!("coordinator-{i}.log") }),

@@ -1,5 +1,5 @@
 //! `expertmesh bench`: the distributed layer against the same layer in one process (JSON);
-//! `--fault` runs the fault benchmark (`fault.rs`).
+//! `--fault` runs the fault benchmark (`fault.rs`), `--skew` the rebalance benchmark (`skew.rs`).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -22,6 +22,7 @@ use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{cluster_dispatcher, parse_wire, percentile, random_batch, scratch, which};
 
 mod fault;
+mod skew;
 
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
@@ -66,19 +67,25 @@ pub(crate) struct BenchArgs {
     /// etcd; the first --batches size is the request size) and report its effect.
     #[arg(long, value_enum)]
     pub(crate) fault: Option<fault::Fault>,
+    /// Run a skewed workload instead (this fraction of tokens pulled to a few hot experts)
+    /// through a cluster with redundant experts, before and after the leader rebalances; the
+    /// first --batches size is the request size.
+    #[arg(long, conflicts_with = "fault")]
+    pub(crate) skew: Option<f64>,
     /// With --fault: copies of every expert.
     #[arg(long, default_value_t = 1)]
     pub(crate) replicas: usize,
     /// With --fault: lease TTL of workers and coordinators.
     #[arg(long, default_value_t = 3000)]
     pub(crate) lease_ttl_ms: u64,
-    /// With --fault: seconds of steady traffic before the fault and after recovery.
+    /// With --fault: seconds of steady traffic before the fault and after recovery (with
+    /// --skew: of each phase).
     #[arg(long, default_value_t = 5.0)]
     pub(crate) steady_s: f64,
     /// With --fault stop-etcd or stop-worker: how long etcd stays down, or the worker frozen.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) outage_s: f64,
-    /// With --fault: concurrent clients.
+    /// With --fault or --skew: concurrent clients.
     #[arg(long, default_value_t = 2)]
     pub(crate) concurrency: usize,
 }
@@ -171,7 +178,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
             let dir = work.path().join("model");
             // The fault benchmark runs many requests through recovery on a small machine: half
             // the width of the throughput benchmark's layer.
-            let (hidden, ffn) = if a.fault.is_some() { (1024, 512) } else { (2048, 1024) };
+            let (hidden, ffn) = if a.fault.is_some() || a.skew.is_some() { (1024, 512) } else { (2048, 1024) };
             let opts = GenOptions {
                 preset: "deepseek-v3".into(),
                 overrides: PresetOverrides {
@@ -193,6 +200,9 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     };
     if let Some(fault) = a.fault {
         return fault::fault_bench(&a, fault, &model, work.path()).await;
+    }
+    if let Some(frac) = a.skew {
+        return skew::skew_bench(&a, frac, &model, work.path()).await;
     }
     let ck = Arc::new(Checkpoint::open(&model)?);
     let spec = ck.spec().clone();

@@ -89,7 +89,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
                 "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "expect_workers": s.expect_workers,
                 "pending_waits_for": s.pending_waits_for,
                 "placement_policy": s.placement_policy, "imbalance": s.imbalance, "rebalances": s.rebalances,
-                "window_s": s.window_s, "window_tokens": s.window_loads.iter().map(|e| e.tokens).sum::<u64>(),
+                "window_s": s.window_s, "window_tokens": s.window_loads.iter().fold(0u64, |a, e| a.saturating_add(e.tokens)),
                 "workers": workers})
         );
         return Ok(());
@@ -111,7 +111,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
             "load balance: imbalance {:.3} over the last {:.0} s ({} rows; {}; {} rebalances; `expertmesh placement show` for more)",
             s.imbalance,
             s.window_s,
-            s.window_loads.iter().map(|e| e.tokens).sum::<u64>(),
+            s.window_loads.iter().fold(0u64, |a, e| a.saturating_add(e.tokens)),
             if s.placement_policy.is_empty() { "policy as committed" } else { s.placement_policy.as_str() },
             s.rebalances
         );

@@ -95,6 +95,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         lease_ttl_ms: a.lease_ttl_ms,
         worker_threads: a.worker_threads,
         tls: false,
+        coordinator_args: Vec::new(),
     };
     let mut cluster = LocalCluster::start(model, &opts, &log_dir).await?;
     let stop = CancellationToken::new();
