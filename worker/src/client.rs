@@ -20,7 +20,9 @@ pub fn retry_elsewhere(s: &Status) -> bool {
         Code::Unavailable | Code::ResourceExhausted | Code::Aborted => true,
         // A connection that broke mid-call ("transport error", "h2 protocol error", "stream
         // removed"...) is reported by the transport as UNKNOWN, INTERNAL or CANCELLED without a
-        // server's status behind it.
+        // server's status behind it; hyper says "operation was canceled" for a call whose
+        // connection went away before it was answered (the caller's own deadline reads
+        // "timeout expired").
         Code::Unknown | Code::Internal | Code::Cancelled => {
             let m = s.message().to_ascii_lowercase();
             [
@@ -31,6 +33,7 @@ pub fn retry_elsewhere(s: &Status) -> bool {
                 "broken pipe",
                 "reset",
                 "error trying to connect",
+                "operation was canceled",
             ]
             .iter()
             .any(|w| m.contains(w))
@@ -122,6 +125,7 @@ mod tests {
         assert!(retry_elsewhere(&Status::unknown("transport error")));
         assert!(retry_elsewhere(&Status::internal("h2 protocol error: stream no longer needed")));
         assert!(retry_elsewhere(&Status::cancelled("connection reset")));
+        assert!(retry_elsewhere(&Status::cancelled("operation was canceled")), "hyper: the connection went away");
         assert!(!retry_elsewhere(&Status::cancelled("Timeout expired")));
         assert!(!retry_elsewhere(&Status::invalid_argument("bad shape")));
         assert!(!retry_elsewhere(&Status::deadline_exceeded("late")));
