@@ -1,8 +1,8 @@
 //! `expertmesh bench --skew FRACTION`: a skewed workload through a local cluster before and
 //! after the leader rebalances: tokens/s, p50/p99 latency and the imbalance of each phase.
 //!
-//! A FRACTION of the tokens are pulled toward a few hot experts (a hot expert's gate row plus
-//! noise), the rest are random. The coordinator runs with redundant experts and a rebalance
+//! A FRACTION of the tokens are pulled toward a few hot experts (the hot experts' gate rows
+//! plus noise: such a token picks every hot expert among its top-k), the rest are random. The coordinator runs with redundant experts and a rebalance
 //! threshold; the first phase runs on the first (uniform-load) plan, then the leader sees the
 //! skew in its load window and proposes a balanced plan; the second phase runs on that.
 
@@ -24,7 +24,7 @@ use super::BenchArgs;
 use crate::local::{LocalCluster, LocalOptions};
 use crate::shared::{parse_wire, percentile};
 
-/// Batches of `tokens` for `layer` whose tokens go to `hot` experts with probability `frac`.
+/// Batches of `tokens` for `layer` whose tokens go to all `hot` experts with probability `frac`.
 fn skewed_batches(
     ck: &Checkpoint,
     layer: usize,
@@ -42,11 +42,16 @@ fn skewed_batches(
             let mut x = Vec::with_capacity(tokens * h);
             for _ in 0..tokens {
                 let pull = r.next_f64() < frac;
-                let g = &gate[hot[r.below(hot.len() as u64) as usize] * h..][..h];
-                let norm = g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt().max(1e-12);
-                for &gv in g {
-                    let noise = r.normal();
-                    x.push((noise + if pull { 6.0 * f64::from(gv) / norm } else { 0.0 }) as f32);
+                let start = x.len();
+                x.extend((0..h).map(|_| r.normal() as f32));
+                if pull {
+                    for &e in hot {
+                        let g = &gate[e * h..][..h];
+                        let norm = g.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt().max(1e-12);
+                        for (xi, &gv) in x[start..].iter_mut().zip(g) {
+                            *xi += (6.0 * f64::from(gv) / norm) as f32;
+                        }
+                    }
                 }
             }
             let ids = (0..tokens).map(|_| r.below(spec.vocab_size as u64) as i64).collect();
