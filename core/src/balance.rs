@@ -259,8 +259,20 @@ pub struct Problem<'a> {
     pub stickiness: f64,
 }
 
-/// Choose every layer's replicas, their devices and their shares.
+/// Choose every layer's replicas, their devices and their shares. With `Policy::Auto`, a
+/// hierarchical plan that does not fit (a node too small for its share of the groups) gives way
+/// to a global one.
 pub fn place(p: &Problem) -> Result<Placement> {
+    match place_with(p) {
+        Err(e) if p.policy == Policy::Auto => match place_with(&Problem { policy: Policy::Global, ..p.clone() }) {
+            Ok(global) => Ok(global),
+            Err(_) => Err(e),
+        },
+        r => r,
+    }
+}
+
+fn place_with(p: &Problem) -> Result<Placement> {
     let n = p.devices.len();
     let experts = p.loads.first().map_or(0, Vec::len);
     if n == 0 {

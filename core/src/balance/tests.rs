@@ -148,6 +148,20 @@ fn hierarchical_keeps_each_group_on_one_node_and_auto_picks_it_when_groups_divid
         }
     }
     assert!(p.imbalance(&loads, &devs) < even_placement(3, 64, 16).imbalance(&loads, &devs));
+    // A node too small for its groups: auto falls back to global; hierarchical says why.
+    let mut small = devs.clone();
+    for d in small.iter_mut().filter(|d| d.node == 3) {
+        d.slots = 3; // one slot per layer each: 4 for the node, its 2 groups need 16
+    }
+    let mut pr = problem(&loads, &small, 64);
+    pr.groups = 8;
+    pr.policy = Policy::Auto;
+    let p = place(&pr).unwrap();
+    assert_eq!(p.policy, Some(Policy::Global));
+    check_valid(&p, &pr);
+    pr.policy = Policy::Hierarchical;
+    let e = place(&pr).unwrap_err().to_string();
+    assert!(e.contains("no node has room"), "{e}");
     // 8 groups over 3 nodes do not divide: auto goes global, hierarchical is refused.
     let devs3 = devices(3, 4, 7 * 3, 1.0);
     let mut pr = problem(&loads, &devs3, 80);
