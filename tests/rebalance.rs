@@ -28,6 +28,9 @@ async fn a_skewed_load_is_rebalanced_under_traffic_with_every_answer_correct() {
         "--rebalance-min-tokens",
         "1000",
     ];
+    let http = free_port();
+    let listen = format!("127.0.0.1:{http}");
+    let flags = [&flags[..], &["--metrics-listen", &listen]].concat();
     let mut cluster = Cluster::coordinator_only(dir.path(), 4, &flags);
     for i in 0..4 {
         cluster.add_worker(&format!("w{i}"), &[]);
@@ -75,6 +78,14 @@ async fn a_skewed_load_is_rebalanced_under_traffic_with_every_answer_correct() {
     let imb_after = s["imbalance"].as_f64().unwrap();
     println!("imbalance after: {imb_after:.3}");
     assert!(imb_after < imb_before * 0.85, "{imb_before} -> {imb_after}: {s}");
+    let (_, metrics) = get(http, "/metrics");
+    let sample = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name}:\n{metrics}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    assert!(sample("expertmesh_rebalances_total") >= 1.0, "{metrics}");
+    let gauge = sample("expertmesh_placement_imbalance");
+    assert!(gauge > 0.0 && gauge < imb_before, "{gauge}: {metrics}");
     let o = std::process::Command::new(BIN).args(["placement", "show", "--coordinator", &addr]).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("imbalance") && text.contains("hottest experts:") && text.contains("w3"), "{text}");

@@ -293,6 +293,9 @@ struct Gauges {
     verified: AtomicU64,
     ready: AtomicU64,
     draining: AtomicU64,
+    /// f64 bits: the committed plan's imbalance under the load window (refreshed every second).
+    imbalance: AtomicU64,
+    rebalances: AtomicU64,
 }
 
 impl CoordinatorCore {
@@ -796,7 +799,9 @@ impl CoordinatorCore {
     /// Keep the health service true: whether the store answers, whether this coordinator leads.
     async fn report_health(self: Arc<Self>, r: tonic_health::server::HealthReporter, stop: CancellationToken) {
         let mut last: Option<(bool, bool)> = None;
+        let mut round = 0u64;
         loop {
+            round += 1;
             let store_ok = matches!(
                 tokio::time::timeout(Duration::from_secs(2), self.store.get(&self.keys.leader())).await,
                 Ok(Ok(_))
@@ -816,6 +821,10 @@ impl CoordinatorCore {
                     Ordering::Relaxed,
                 );
                 g.draining.store(st.draining.len() as u64, Ordering::Relaxed);
+                g.rebalances.store(st.rebalances, Ordering::Relaxed);
+                if round % 5 == 1 {
+                    g.imbalance.store(self.window_imbalance(&st).to_bits(), Ordering::Relaxed);
+                }
             }
             if Some(now) != last {
                 if last.is_some_and(|l| l.0 != store_ok) {
@@ -836,6 +845,18 @@ impl CoordinatorCore {
     }
 
     /// The Prometheus exposition of this coordinator now.
+    /// The committed plan's imbalance under the window's loads (0 without a plan or load).
+    fn window_imbalance(&self, st: &State) -> f64 {
+        let Some(p) = &st.current else { return 0.0 };
+        let Some((loads, total, _)) = st.window.as_ref().map(|w| w.loads(Instant::now())) else { return 0.0 };
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let layers = self.spec.moe_layers();
+        let devices = crate::rebalance::devices(&p.workers, self.cfg.expert_bytes);
+        crate::rebalance::placement_of(p, &p.workers, &layers).imbalance(&loads, &devices)
+    }
+
     pub fn render_metrics(&self) -> String {
         use expertmesh_core::metrics::{names, Exposition, Kind};
         let g = &self.gauges;
@@ -863,6 +884,18 @@ impl CoordinatorCore {
                     (vec!["ready".into()], v(&g.ready)),
                     (vec!["draining".into()], v(&g.draining)),
                 ],
+            )
+            .single(
+                names::PLACEMENT_IMBALANCE,
+                Kind::Gauge,
+                "Max over workers of load per throughput over the ideal, for the committed placement under the load window (0: no load)",
+                f64::from_bits(g.imbalance.load(Ordering::Relaxed)),
+            )
+            .single(
+                names::REBALANCES_TOTAL,
+                Kind::Counter,
+                "Placements proposed to rebalance load",
+                v(&g.rebalances),
             )
             .family(
                 names::REFUSED_TOTAL,
@@ -1429,15 +1462,9 @@ impl Coordinator for CoordinatorService {
         let c = &self.core;
         let st = c.state.lock().await;
         let layers = c.spec.moe_layers();
-        let (window, window_total, window_s) =
+        let (window, _, window_s) =
             st.window.as_ref().map(|w| w.loads(Instant::now())).unwrap_or((Vec::new(), 0.0, 0.0));
-        let imbalance = match &st.current {
-            Some(p) if window_total > 0.0 => {
-                let devices = crate::rebalance::devices(&p.workers, c.cfg.expert_bytes);
-                crate::rebalance::placement_of(p, &p.workers, &layers).imbalance(&window, &devices)
-            }
-            _ => 0.0,
-        };
+        let imbalance = c.window_imbalance(&st);
         let window_loads: Vec<ExpertLoad> = window
             .iter()
             .zip(&layers)

@@ -36,6 +36,8 @@ pub mod names {
     pub const LEADER: &str = "expertmesh_leader";
     pub const STORE_REACHABLE: &str = "expertmesh_store_reachable";
     pub const WORKERS: &str = "expertmesh_workers";
+    pub const PLACEMENT_IMBALANCE: &str = "expertmesh_placement_imbalance";
+    pub const REBALANCES_TOTAL: &str = "expertmesh_rebalances_total";
 }
 
 /// Latency buckets, seconds: 100 µs to 60 s.
