@@ -728,7 +728,7 @@ impl CoordinatorCore {
             let first = st.current.is_none() && st.pending.is_none();
             let enough = if first { desired.len() >= self.cfg.expect_workers.max(1) } else { !desired.is_empty() };
             if enough && st.failed_for.as_ref() != Some(&desired) {
-                self.propose(&mut st, desired).await?;
+                self.propose(&mut st, desired, None).await?;
             }
         } else if settled || st.changed_at.is_none() {
             self.maybe_rebalance(&mut st).await?;
@@ -847,14 +847,19 @@ impl CoordinatorCore {
     /// The Prometheus exposition of this coordinator now.
     /// The committed plan's imbalance under the window's loads (0 without a plan or load).
     fn window_imbalance(&self, st: &State) -> f64 {
-        let Some(p) = &st.current else { return 0.0 };
         let Some((loads, total, _)) = st.window.as_ref().map(|w| w.loads(Instant::now())) else { return 0.0 };
+        self.imbalance_under(st, &loads, total)
+    }
+
+    /// The committed plan's imbalance under `loads` (their sum `total`; 0 without a plan or load).
+    fn imbalance_under(&self, st: &State, loads: &[Vec<f64>], total: f64) -> f64 {
+        let Some(p) = &st.current else { return 0.0 };
         if total <= 0.0 {
             return 0.0;
         }
         let layers = self.spec.moe_layers();
         let devices = crate::rebalance::devices(&p.workers, self.cfg.expert_bytes);
-        crate::rebalance::placement_of(p, &p.workers, &layers).imbalance(&loads, &devices)
+        crate::rebalance::placement_of(p, &p.workers, &layers).imbalance(loads, &devices)
     }
 
     pub fn render_metrics(&self) -> String {
@@ -1043,13 +1048,14 @@ impl CoordinatorCore {
         st.rebalanced_at = Some(now);
         let layers = self.spec.moe_layers();
         let devices = crate::rebalance::devices(&current.workers, cfg.expert_bytes);
-        let now_imb = crate::rebalance::placement_of(&current, &current.workers, &layers).imbalance(&loads, &devices);
+        let before = crate::rebalance::placement_of(&current, &current.workers, &layers);
+        let now_imb = before.imbalance(&loads, &devices);
         if now_imb < cfg.rebalance_threshold {
             debug!(imbalance = format!("{now_imb:.3}"), "load balanced enough; no rebalance");
             return Ok(());
         }
         match self.balanced(&current.workers, &loads, Some(&current)) {
-            Ok((p, _)) => {
+            Ok(p) => {
                 let next = p.imbalance(&loads, &devices);
                 if next > now_imb * 0.9 {
                     info!(
@@ -1059,7 +1065,6 @@ impl CoordinatorCore {
                     );
                     return Ok(());
                 }
-                let before = crate::rebalance::placement_of(&current, &current.workers, &layers);
                 let moved: u64 =
                     expertmesh_core::balance::bytes_moved(&before, &p, &vec![cfg.expert_bytes; devices.len()])
                         .iter()
@@ -1072,7 +1077,7 @@ impl CoordinatorCore {
                     "rebalancing expert placement"
                 );
                 st.rebalances += 1;
-                self.propose(st, current.workers.clone()).await
+                self.propose(st, current.workers.clone(), Some(p)).await
             }
             Err(e) => {
                 warn!(error = %e, "cannot compute a balanced placement; keeping the current one");
@@ -1088,10 +1093,7 @@ impl CoordinatorCore {
         workers: &[WorkerInfo],
         loads: &[Vec<f64>],
         current: Option<&PlacementPlan>,
-    ) -> std::result::Result<
-        (expertmesh_core::balance::Placement, Vec<expertmesh_core::balance::Device>),
-        expertmesh_core::CoreError,
-    > {
+    ) -> std::result::Result<expertmesh_core::balance::Placement, expertmesh_core::CoreError> {
         let layers = self.spec.moe_layers();
         let devices = crate::rebalance::devices(workers, self.cfg.expert_bytes);
         let experts = self.spec.n_routed;
@@ -1103,7 +1105,7 @@ impl CoordinatorCore {
             &uniform
         };
         let from = current.map(|c| crate::rebalance::placement_of(c, workers, &layers));
-        let p = expertmesh_core::balance::place(&expertmesh_core::balance::Problem {
+        expertmesh_core::balance::place(&expertmesh_core::balance::Problem {
             loads,
             devices: &devices,
             physical: experts * self.cfg.replicas.max(1) + self.cfg.redundant_experts,
@@ -1112,16 +1114,27 @@ impl CoordinatorCore {
             policy: expertmesh_core::balance::Policy::Auto,
             current: from.as_ref(),
             stickiness: self.cfg.stickiness,
-        })?;
-        Ok((p, devices))
+        })
     }
 
-    async fn propose(&self, st: &mut State, workers: Vec<WorkerInfo>) -> Result<()> {
+    /// Propose the next epoch over `workers`: `placement` when the caller computed it for
+    /// them, else balanced for the window's loads.
+    async fn propose(
+        &self,
+        st: &mut State,
+        workers: Vec<WorkerInfo>,
+        placement: Option<expertmesh_core::balance::Placement>,
+    ) -> Result<()> {
         let layers = self.spec.moe_layers();
-        let loads = st.window.as_ref().map(|w| w.loads(Instant::now()).0).unwrap_or_default();
-        let balanced = self.balanced(&workers, &loads, st.current.as_ref());
+        let balanced = match placement {
+            Some(p) => Ok(p),
+            None => {
+                let loads = st.window.as_ref().map(|w| w.loads(Instant::now()).0).unwrap_or_default();
+                self.balanced(&workers, &loads, st.current.as_ref())
+            }
+        };
         let (plan_layers, policy) = match balanced {
-            Ok((p, _)) => (
+            Ok(p) => (
                 crate::rebalance::layers_of(&p, &layers, self.spec.n_routed),
                 p.policy.unwrap_or_default().name().to_string(),
             ),
@@ -1462,9 +1475,9 @@ impl Coordinator for CoordinatorService {
         let c = &self.core;
         let st = c.state.lock().await;
         let layers = c.spec.moe_layers();
-        let (window, _, window_s) =
+        let (window, window_total, window_s) =
             st.window.as_ref().map(|w| w.loads(Instant::now())).unwrap_or((Vec::new(), 0.0, 0.0));
-        let imbalance = c.window_imbalance(&st);
+        let imbalance = c.imbalance_under(&st, &window, window_total);
         let window_loads: Vec<ExpertLoad> = window
             .iter()
             .zip(&layers)

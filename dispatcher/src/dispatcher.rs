@@ -1016,6 +1016,10 @@ impl<'a> Flight<'a> {
                 continue;
             }
             pairs.sort_unstable();
+            if let [only] = live[..] {
+                dests.entry(only).or_default().push((e, pairs));
+                continue;
+            }
             // Rows over the live replicas by their shares: systematic sampling with an offset
             // that varies by request and expert, so that even one row per request follows the
             // shares over many requests.
