@@ -699,6 +699,33 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
         }
         return out;
     };
+    // Among (near-)optimal shares, the evenest: blend the flow toward even shares as far as
+    // keeps every device within 0.5% of the optimum (a max-flow picks extreme points, which can
+    // leave a replica with no rows at all).
+    let mut edges = edges;
+    {
+        let mut flow_load = base.clone();
+        let mut k = 0;
+        for &i in &multi {
+            for d in &held[i] {
+                flow_load[di[d]] += edges[k].max(0.0);
+                k += 1;
+            }
+        }
+        let target = hi * 1.005;
+        let lambda = (0..devs.len())
+            .filter(|&j| even_load[j] > flow_load[j])
+            .map(|j| ((target * t[j] - flow_load[j]) / (even_load[j] - flow_load[j])).clamp(0.0, 1.0))
+            .fold(1.0f64, f64::min);
+        let mut k = 0;
+        for &i in &multi {
+            let x = w[experts[i] as usize] / held[i].len() as f64;
+            for _ in &held[i] {
+                edges[k] = lambda * x + (1.0 - lambda) * edges[k].max(0.0);
+                k += 1;
+            }
+        }
+    }
     let mut k = 0;
     for &i in &multi {
         let f: Vec<f64> = held[i]
