@@ -3,6 +3,7 @@
 pub(crate) const LOG: &str = "EXPERTMESH_LOG";
 pub(crate) const LOG_FORMAT: &str = "EXPERTMESH_LOG_FORMAT";
 pub(crate) const COMPUTE_THREADS: &str = "EXPERTMESH_COMPUTE_THREADS";
+pub(crate) const CPUS: &str = "EXPERTMESH_CPUS";
 pub(crate) const COORDINATOR: &str = "EXPERTMESH_COORDINATOR";
 pub(crate) const LISTEN: &str = "EXPERTMESH_LISTEN";
 pub(crate) const ADVERTISE: &str = "EXPERTMESH_ADVERTISE";

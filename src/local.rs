@@ -104,6 +104,30 @@ pub(crate) struct LocalOptions {
     pub(crate) tls: bool,
     /// More flags for every coordinator.
     pub(crate) coordinator_args: Vec<String>,
+    /// Bind each worker to its own CPUs (`--cpus`, from [`worker_cpus`]), as if each had a
+    /// device of its own.
+    pub(crate) pin_workers: bool,
+}
+
+/// The CPUs of each of `workers` workers pinned on `allowed`: contiguous blocks as even as
+/// may be when there are at least as many CPUs as workers; else worker `i` gets CPU `i mod n`.
+pub(crate) fn worker_cpus(allowed: &[usize], workers: usize) -> Vec<Vec<usize>> {
+    let n = allowed.len();
+    if n == 0 {
+        return vec![Vec::new(); workers];
+    }
+    if workers > n {
+        return (0..workers).map(|i| vec![allowed[i % n]]).collect();
+    }
+    let mut at = 0;
+    (0..workers)
+        .map(|i| {
+            let len = n / workers + usize::from(i < n % workers);
+            let block = allowed[at..at + len].to_vec();
+            at += len;
+            block
+        })
+        .collect()
 }
 
 impl LocalOptions {
@@ -117,6 +141,7 @@ impl LocalOptions {
             worker_threads,
             tls: false,
             coordinator_args: Vec::new(),
+            pin_workers: false,
         }
     }
 }
@@ -232,6 +257,11 @@ impl LocalCluster {
             coordinators.push(addr);
         }
         let mut addrs = Vec::new();
+        let pins = if opts.pin_workers {
+            worker_cpus(&expertmesh_dispatcher::compute::allowed_cpus()?, opts.workers.len())
+        } else {
+            vec![Vec::new(); opts.workers.len()]
+        };
         let starts = opts.workers.devices().iter().enumerate().map(|(i, device)| {
             let mut args: Vec<String> = vec![
                 "worker".into(),
@@ -247,6 +277,9 @@ impl LocalCluster {
             }
             if let Some(n) = opts.worker_threads {
                 args.extend(["--compute-threads".into(), n.to_string()]);
+            }
+            if !pins[i].is_empty() {
+                args.extend(["--cpus".into(), expertmesh_dispatcher::compute::cpu_list(&pins[i])]);
             }
             if in_store {
                 args.extend(["--store".into(), opts.store.clone()]);
@@ -399,6 +432,25 @@ mod tests {
         ] {
             let e = bad.parse::<WorkerMix>().unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn pinned_workers_get_even_contiguous_blocks_or_share_cpus_round_robin() {
+        let cpus: Vec<usize> = vec![0, 1, 2, 3, 4, 5, 6];
+        assert_eq!(worker_cpus(&cpus, 2), vec![vec![0, 1, 2, 3], vec![4, 5, 6]]);
+        assert_eq!(worker_cpus(&cpus, 7), (0..7).map(|c| vec![c]).collect::<Vec<_>>());
+        assert_eq!(worker_cpus(&[0, 1], 4), vec![vec![0], vec![1], vec![0], vec![1]]);
+        assert_eq!(worker_cpus(&[2, 5], 1), vec![vec![2, 5]], "the allowed set, not 0..n");
+        for workers in 1..10 {
+            let got = worker_cpus(&cpus, workers);
+            assert_eq!(got.len(), workers);
+            assert!(got.iter().all(|b| !b.is_empty()), "{workers}: {got:?}");
+            if workers <= cpus.len() {
+                assert_eq!(got.concat(), cpus, "{workers}: every CPU once");
+                let (lo, hi) = (got.iter().map(Vec::len).min(), got.iter().map(Vec::len).max());
+                assert!(hi.unwrap() - lo.unwrap() <= 1, "{workers}: {got:?}");
+            }
         }
     }
 }

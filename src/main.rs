@@ -22,6 +22,11 @@ struct Cli {
     /// core). Processes sharing a machine may split its cores.
     #[arg(long, global = true, env = env::COMPUTE_THREADS)]
     compute_threads: Option<usize>,
+    /// Run this process on these CPUs only (kernel list syntax: `0-7`, `0,2,4-5`); the compute
+    /// pool then defaults to one thread per listed CPU. For several workers on one host (one
+    /// per socket or NUMA node); in Kubernetes the kubelet's CPU manager does this instead.
+    #[arg(long, global = true, env = env::CPUS)]
+    cpus: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -109,6 +114,11 @@ fn run() -> Result<()> {
     let cli = Cli::parse();
     let server = matches!(cli.cmd, Cmd::Coordinator(_) | Cmd::Worker(_));
     init_tracing(&cli, if server { "info" } else { "warn" })?;
+    if let Some(list) = &cli.cpus {
+        let cpus = expertmesh_dispatcher::compute::parse_cpu_list(list)?;
+        expertmesh_dispatcher::compute::pin_process(&cpus)?;
+        tracing::info!(cpus = %expertmesh_dispatcher::compute::cpu_list(&cpus), "pinned to CPUs");
+    }
     expertmesh_dispatcher::compute::init_pool(cli.compute_threads)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {

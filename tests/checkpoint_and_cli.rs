@@ -410,6 +410,39 @@ fn compute_threads_size_the_pool_and_zero_is_refused() {
     assert!(err.contains("at least 1 thread (--compute-threads)"), "{err}");
 }
 
+/// `--cpus` binds a process to CPUs (as the kernel reports for every one of its threads) and
+/// sizes its compute pool to them; a CPU the process may not use, or a bad list, is refused
+/// with a message naming the flag.
+#[test]
+fn cpus_bind_a_worker_and_size_its_pool() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 14);
+    let mut c = common::cluster::Cluster::coordinator_only(dir.path(), 1, &[]);
+    let cpu = expertmesh_dispatcher::compute::allowed_cpus().unwrap()[0];
+    c.add_worker("w0", &["--cpus", &cpu.to_string()]);
+    let pid = c.workers[0].child.id();
+    let names = thread_names(pid);
+    assert_eq!(names.iter().filter(|n| n.starts_with("em-compute")).count(), 1, "threads: {names:?}");
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+        assert_eq!(allowed, cpu.to_string(), "a thread of the worker runs outside --cpus");
+    }
+    let beyond = expertmesh_dispatcher::compute::allowed_cpus().unwrap().last().unwrap() + 1;
+    for (list, says) in [
+        (beyond.to_string(), format!("CPU {beyond} is not one this process may use")),
+        ("1-0".to_string(), "runs backwards".to_string()),
+        ("x".to_string(), "`x` is not a CPU number".to_string()),
+    ] {
+        let o = Command::new(BIN)
+            .args(["--cpus", &list, "worker", "--coordinator", &c.coordinator.addr, "--id", "w1"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "--cpus {list} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&says) && err.contains("--cpus"), "--cpus {list}: {err}");
+    }
+}
+
 #[test]
 fn every_flag_has_help_and_bad_flag_values_are_refused() {
     let commands: &[&[&str]] = &[

@@ -36,6 +36,11 @@ pub(crate) struct BenchArgs {
     /// Compute threads of each worker (default: one per core; the workers share the cores).
     #[arg(long)]
     pub(crate) worker_threads: Option<usize>,
+    /// Bind each worker to CPUs of its own (`--cpus`: even blocks of this machine's CPUs, or
+    /// one each in turn when there are more workers than CPUs), as if each had its own device.
+    /// The benchmark process itself is not bound.
+    #[arg(long)]
+    pub(crate) pin_workers: bool,
     /// Tokens per batch, comma-separated: decode sizes (1 to 64) and prefill sizes.
     #[arg(long, default_value = "1,8,64,256,1024,4096", value_delimiter = ',')]
     pub(crate) batches: Vec<usize>,
@@ -224,6 +229,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.path().join("logs"));
     let mut opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
     opts.tls = a.tls;
+    opts.pin_workers = a.pin_workers;
     let (cluster, dispatcher) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let d = if a.via_worker {
         Distributed::Entry(Arc::new(EntryClient::new(&cluster.workers[..1], &spec, cluster.tls.as_ref())?))
@@ -311,6 +317,7 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         "workers": a.workers.len(),
         "worker_devices": a.workers.devices(),
         "worker_compute_threads": a.worker_threads.unwrap_or(cpus),
+        "pinned_workers": a.pin_workers,
         "wire_dtype": wire.name(),
         "mutual_tls": a.tls,
         "iters": a.iters,

@@ -43,6 +43,10 @@ pub(crate) struct UpArgs {
     /// Compute threads of each worker (default: one per core; the workers share the cores).
     #[arg(long)]
     pub(crate) worker_threads: Option<usize>,
+    /// Bind each worker to CPUs of its own (`--cpus`: even blocks of this machine's CPUs, or
+    /// one each in turn when there are more workers than CPUs).
+    #[arg(long)]
+    pub(crate) pin_workers: bool,
     /// Where process logs go (default: a temporary directory).
     #[arg(long)]
     pub(crate) log_dir: Option<PathBuf>,
@@ -65,6 +69,7 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
     eprintln!("starting coordinator and {} (logs in {})", a.workers, log_dir.display());
     let mut opts = LocalOptions::simple(a.workers.clone(), a.replicas, a.worker_threads);
     opts.tls = a.tls;
+    opts.pin_workers = a.pin_workers;
     let (cluster, d) = cluster_dispatcher(&model, &opts, &log_dir, stop.clone()).await?;
     let spec = d.spec().clone();
     let layers = spec.moe_layers();

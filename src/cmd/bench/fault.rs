@@ -96,6 +96,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
         worker_threads: a.worker_threads,
         tls: false,
         coordinator_args: Vec::new(),
+        pin_workers: a.pin_workers,
     };
     let mut cluster = LocalCluster::start(model, &opts, &log_dir).await?;
     let stop = CancellationToken::new();

@@ -95,6 +95,7 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
     // the uniform plan.
     let interval = 2.0 * a.steady_s;
     let mut opts = LocalOptions::simple(a.workers.clone(), 1, a.worker_threads);
+    opts.pin_workers = a.pin_workers;
     opts.coordinator_args = [
         "--redundant-experts",
         &redundant.to_string(),
@@ -194,6 +195,7 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
         serde_json::json!({
             "bench": "rebalance",
             "workers": a.workers.to_string(),
+            "pinned_workers": a.pin_workers,
             "tokens": tokens,
             "concurrency": a.concurrency,
             "skew": frac,
