@@ -2,9 +2,12 @@
 //! after the leader rebalances: tokens/s, p50/p99 latency and the imbalance of each phase.
 //!
 //! A FRACTION of the tokens are pulled toward a few hot experts (the hot experts' gate rows
-//! plus noise: such a token picks every hot expert among its top-k), the rest are random. The coordinator runs with redundant experts and a rebalance
-//! threshold; the first phase runs on the first (uniform-load) plan, then the leader sees the
-//! skew in its load window and proposes a balanced plan; the second phase runs on that.
+//! plus noise: such a token picks every hot expert among its top-k), the rest are random. The
+//! hot experts are ones the first plan put on one worker, unreplicated: the hot set has drifted
+//! onto one device, the case a rebalance is for. The coordinator runs with redundant experts
+//! and a rebalance threshold; the first phase runs on the first (uniform-load) plan, then the
+//! leader sees the skew in its load window and proposes a balanced plan; the second phase runs
+//! on that.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -60,6 +63,25 @@ fn skewed_batches(
         .collect())
 }
 
+/// `n` experts of a layer that its plan (expert -> replica workers) gives to one worker alone:
+/// the worker holding the most unreplicated experts, its lowest ids first; other experts fill
+/// in where it has fewer than `n`.
+fn hot_on_one_worker(plan: Option<&Vec<Vec<u32>>>, n: usize) -> Vec<usize> {
+    let Some(plan) = plan else { return (0..n).collect() };
+    let mut alone: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (e, reps) in plan.iter().enumerate() {
+        if let [w] = reps[..] {
+            alone.entry(w).or_default().push(e);
+        }
+    }
+    let mut hot =
+        alone.into_values().max_by_key(|v| (v.len(), std::cmp::Reverse(v.first().copied()))).unwrap_or_default();
+    hot.truncate(n);
+    let fill: Vec<usize> = (0..plan.len()).filter(|e| !hot.contains(e)).take(n.saturating_sub(hot.len())).collect();
+    hot.extend(fill);
+    hot
+}
+
 /// (start, end, ok, epoch) of every request.
 type Samples = Arc<Mutex<Vec<(Instant, Instant, bool, u64)>>>;
 
@@ -90,7 +112,7 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
     let log_dir = a.log_dir.clone().unwrap_or_else(|| work.join("logs"));
     std::fs::create_dir_all(&log_dir)?;
     let redundant = (spec.n_routed / 8).max(1);
-    let hot: Vec<usize> = (0..(spec.n_routed / 16).max(2)).map(|i| (i * 7 + 3) % spec.n_routed).collect();
+    let n_hot = (spec.n_routed / 16).max(2);
     // The first rebalance may come once the window is 2 x steady old: the first phase runs on
     // the uniform plan.
     let interval = 2.0 * a.steady_s;
@@ -116,12 +138,14 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
     let target = ControlTarget::Coordinator { addrs: coordinator.clone(), tls: None };
     let dcfg = DispatcherConfig { placement_wait: Duration::from_secs(120), ..Default::default() };
     let d = connect_dispatcher(&target, ck.clone(), "cpu", dcfg, stop.clone()).await?;
-    d.route_table(None).await.context("waiting for the first placement")?;
+    let first = d.route_table(None).await.context("waiting for the first placement")?;
+    let hot: Vec<Vec<usize>> =
+        layers.iter().map(|&l| hot_on_one_worker(first.layers.get(&(l as u32)), n_hot)).collect();
     let batches: Vec<Vec<(Vec<f32>, Vec<i64>)>> =
-        layers.iter().map(|&l| skewed_batches(&ck, l, tokens, &hot, frac, 8)).collect::<Result<_>>()?;
+        layers.iter().zip(&hot).map(|(&l, hot)| skewed_batches(&ck, l, tokens, hot, frac, 8)).collect::<Result<_>>()?;
     let batches = Arc::new(batches);
     eprintln!(
-        "traffic: {} clients x {tokens} tokens over {} layers, {:.0}% pulled to experts {hot:?}",
+        "traffic: {} clients x {tokens} tokens over {} layers, {:.0}% pulled to experts {hot:?} (per layer)",
         a.concurrency,
         layers.len(),
         frac * 100.0
@@ -217,4 +241,22 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
         bail!("{failed} requests failed across the rebalance");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hot_set_is_taken_from_one_workers_unreplicated_experts() {
+        // Experts 0..8 on workers 0,1,0,1,...; expert 2 also on worker 1; expert 5 on 0 and 1.
+        let mut plan: Vec<Vec<u32>> = (0..8).map(|e| vec![e % 2]).collect();
+        plan[2].push(1);
+        plan[5].push(0);
+        // Worker 0 alone holds 0, 4, 6; worker 1 alone holds 1, 3, 7: a tie goes to the lower ids.
+        assert_eq!(hot_on_one_worker(Some(&plan), 2), vec![0, 4]);
+        assert_eq!(hot_on_one_worker(Some(&plan), 3), vec![0, 4, 6]);
+        assert_eq!(hot_on_one_worker(Some(&plan), 5), vec![0, 4, 6, 1, 2], "others fill in");
+        assert_eq!(hot_on_one_worker(None, 3), vec![0, 1, 2]);
+    }
 }
