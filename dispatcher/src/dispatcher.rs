@@ -779,7 +779,7 @@ impl<'a> Flight<'a> {
         }
         s.hedged = true;
         let why = format!("silent for {silent_for:?} past its latency budget");
-        warn!(request = self.rid, worker = %worker_id, destination = %address, silent_ms = silent_for.as_millis() as u64, "destination silent; hedging its unanswered rows to a replica");
+        warn!(request = self.rid, worker = %worker_id, destination = %address, silent_ms = silent_for.as_millis() as u64, "destination silent past its latency budget; its unanswered rows go to a replica where one lives (else they wait for it), and the coordinator is asked to check it");
         self.d.stats.hedges.fetch_add(1, Ordering::Relaxed);
         self.d.suspect(&address, &why);
         self.d.report(&worker_id);

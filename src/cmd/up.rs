@@ -129,11 +129,11 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
     let start = Instant::now();
     let mut last = (Instant::now(), 0u64);
     loop {
-        let finished = stop.is_cancelled() || deadline.is_some_and(|t| Instant::now() >= t);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {},
             _ = stop.cancelled() => {},
         }
+        let finished = stop.is_cancelled() || deadline.is_some_and(|t| Instant::now() >= t);
         let done = tokens_done.load(std::sync::atomic::Ordering::Relaxed);
         let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64();
         last = (Instant::now(), done);
@@ -185,9 +185,10 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
     for d in drivers {
         let _ = d.await;
     }
+    // The traffic's time, not the cluster's shutdown.
+    let secs = start.elapsed().as_secs_f64();
     cluster.stop().await;
     let done = tokens_done.load(std::sync::atomic::Ordering::Relaxed);
-    let secs = start.elapsed().as_secs_f64();
     println!(
         "done: {done} tokens through {} MoE layers in {secs:.1} s ({:.0} tokens/s on average); logs in {}",
         layers.len(),
