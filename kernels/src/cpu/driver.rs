@@ -7,12 +7,10 @@ use expertmesh_core::dtype::DType;
 use rayon::prelude::*;
 
 use super::pack::{Packed, NR};
-use super::simd::{bf16_block, f32_block, widen_fp8_bf16, widen_pairs_f32, Isa, Prefetch, MR};
+use super::simd::{bf16_block, f32_block, widen_fp8_bf16, widen_pairs_f32, Isa, MR};
 
 /// Longest k chunk.
 const KC: usize = 256;
-/// How far ahead of the f32 kernel, in bytes, weights read in place are prefetched (16 k steps).
-const PF_AHEAD: usize = 16 * NR * 4;
 /// Bytes of A kept in L2 per row chunk.
 const A_CHUNK_BYTES: usize = 768 << 10;
 
@@ -145,15 +143,11 @@ fn tile_rows(isa: Isa, a: &Panel, w: &Packed, t: usize, r0: usize, r1: usize, ct
                 }
             }
             Panel::F32 { data, lda } => {
-                // While the first row block runs, f32 weights (read in place) stream in PF_AHEAD
-                // bytes ahead of it instead of stalling its FMAs: at 24 rows, where reading the
-                // weights bounds the call, 1.5-2x (docs/BENCHMARKS.md). Widened weights were read
-                // before the kernel ran; prefetching the next chunk for them measured no gain.
-                let pf = if w.dtype == DType::F32 {
-                    Prefetch { from: src.as_ptr().wrapping_add(PF_AHEAD), bytes_per_k: NR * 4 }
-                } else {
-                    Prefetch::NONE
-                };
+                // The first row block streams f32 weights (read in place) from memory: it
+                // prefetches them ahead, 1.5-2x at 24 rows where reading the weights bounds the
+                // call (docs/BENCHMARKS.md). Widened weights were read before the kernel ran;
+                // prefetching the next chunk for them measured no gain.
+                let stream = w.dtype == DType::F32;
                 let b: &[f32] = if w.dtype == DType::F32 {
                     words(src, &mut scratch_f32)
                 } else {
@@ -163,8 +157,8 @@ fn tile_rows(isa: Isa, a: &Panel, w: &Packed, t: usize, r0: usize, r1: usize, ct
                 };
                 for q0 in (r0..r1).step_by(MR) {
                     let rows = (r1 - q0).min(MR);
-                    let pf = if q0 == r0 { pf } else { Prefetch::NONE };
-                    f32_block(isa, rows, kc, &data[q0 * lda + k0..], *lda, b, &mut ct[q0 * NR..], first, pf);
+                    let prefetch = stream && q0 == r0;
+                    f32_block(isa, rows, kc, &data[q0 * lda + k0..], *lda, b, &mut ct[q0 * NR..], first, prefetch);
                 }
             }
         }

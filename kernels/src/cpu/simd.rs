@@ -92,20 +92,12 @@ fn check_tile(rows: usize, k: usize, a_len: usize, lda: usize, b_len: usize, b_n
     assert!(c_len >= rows * NR, "C block too short: {c_len} < {}", rows * NR);
 }
 
-/// What a microkernel prefetches while it runs: `bytes_per_k` bytes from `from` per k step, so
-/// that weights stream from memory while the FMAs run instead of stalling them. Prefetching
-/// never faults, so the range may run past the end of an allocation; nothing is dereferenced.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Prefetch {
-    pub(crate) from: *const u8,
-    pub(crate) bytes_per_k: usize,
-}
+/// k steps ahead of the f32 kernel that `prefetch` asks for B (2 KiB).
+const PF_K: usize = 16;
 
-impl Prefetch {
-    pub(crate) const NONE: Self = Self { from: std::ptr::null(), bytes_per_k: 0 };
-}
-
-/// f32 FMA: `C[rows][NR] (+)= A[rows][0..kc] . B[kc][NR]`, prefetching `pf` meanwhile.
+/// f32 FMA: `C[rows][NR] (+)= A[rows][0..kc] . B[kc][NR]`. With `prefetch`, B is asked for
+/// PF_K k steps ahead, so that weights read from memory stream in while the FMAs run instead
+/// of stalling them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn f32_block(
     isa: Isa,
@@ -116,7 +108,7 @@ pub(crate) fn f32_block(
     b: &[f32],
     c: &mut [f32],
     first: bool,
-    pf: Prefetch,
+    prefetch: bool,
 ) {
     check_tile(rows, kc, a.len(), lda, b.len(), kc * NR, c.len());
     #[cfg(target_arch = "x86_64")]
@@ -126,11 +118,11 @@ pub(crate) fn f32_block(
         // (C < rows * NR) is inside the slices.
         #[allow(unsafe_code)]
         unsafe {
-            by_rows!(rows, f32_avx512, kc, a.as_ptr(), lda, b.as_ptr(), c.as_mut_ptr(), first, pf)
+            by_rows!(rows, f32_avx512, kc, a.as_ptr(), lda, b.as_ptr(), c.as_mut_ptr(), first, prefetch)
         };
         return;
     }
-    let _ = (isa, pf);
+    let _ = (isa, prefetch);
     by_rows!(rows, f32_portable, kc, a, lda, b, c, first)
 }
 
@@ -186,16 +178,16 @@ unsafe fn f32_avx512<const M: usize>(
     b: *const f32,
     c: *mut f32,
     first: bool,
-    pf: Prefetch,
+    prefetch: bool,
 ) {
     use std::arch::x86_64::*;
     let mut acc0 = [_mm512_setzero_ps(); M];
     let mut acc1 = [_mm512_setzero_ps(); M];
     for k in 0..kc {
-        let mut at = 0;
-        while at < pf.bytes_per_k {
-            _mm_prefetch::<_MM_HINT_T0>(pf.from.wrapping_add(k * pf.bytes_per_k + at) as *const i8);
-            at += 64;
+        if prefetch {
+            // A prefetch never faults: running past the end of B is harmless.
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((k + PF_K) * NR) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add((k + PF_K) * NR + 16) as *const i8);
         }
         let b0 = _mm512_loadu_ps(b.add(k * NR));
         let b1 = _mm512_loadu_ps(b.add(k * NR + 16));
@@ -281,7 +273,7 @@ pub(crate) fn calibrate() -> Option<(f64, f64)> {
         bf16 = bf16.max(flops / t.elapsed().as_secs_f64() / 1e9);
         let t = std::time::Instant::now();
         for i in 0..reps {
-            f32_block(Isa::Avx512, MR, kc, &a32, kc, &b32, &mut c, i == 0, Prefetch::NONE);
+            f32_block(Isa::Avx512, MR, kc, &a32, kc, &b32, &mut c, i == 0, false);
         }
         f32 = f32.max(flops / t.elapsed().as_secs_f64() / 1e9);
     }
