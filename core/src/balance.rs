@@ -677,6 +677,8 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
         .fold(0.0, f64::max)
         .max((total + base.iter().sum::<f64>()) / t.iter().sum::<f64>());
     let mut net = Flow::new(&multi, held, &di, devs.len());
+    let supply: Vec<f64> = multi.iter().map(|&i| w[experts[i] as usize]).collect();
+    let free: Vec<f64> = vec![f64::INFINITY; net.replica_edges.len()];
     let mut best: Option<Vec<f64>> = None;
     for _ in 0..40 {
         if hi - lo <= 1e-7 * hi {
@@ -684,8 +686,7 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
         }
         let mid = 0.5 * (lo + hi);
         let caps: Vec<f64> = (0..devs.len()).map(|j| (mid * t[j] - base[j]).max(0.0)).collect();
-        let supply: Vec<f64> = multi.iter().map(|&i| w[experts[i] as usize]).collect();
-        let (flow, edges) = net.run(&supply, &caps);
+        let (flow, edges) = net.run(&supply, &caps, &free);
         if flow >= total * (1.0 - 1e-9) {
             hi = mid;
             best = Some(edges);
@@ -693,16 +694,37 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
             lo = mid;
         }
     }
-    let Some(edges) = best else {
+    let Some(mut edges) = best else {
         for &i in &multi {
             out.extend(even(i));
         }
         return out;
     };
-    // Among (near-)optimal shares, the evenest: blend the flow toward even shares as far as
-    // keeps every device within 0.5% of the optimum (a max-flow picks extreme points, which can
-    // leave a replica with no rows at all).
-    let mut edges = edges;
+    // Among (near-)optimal shares, the evenest. A max-flow picks extreme points, which can
+    // leave a replica with next to no rows (0.02 against 0.98 where 0.45 against 0.55 levels
+    // the devices as well), so: the smallest cap on any replica's share of its expert that
+    // still keeps every device within 0.5% of the optimum, then a blend toward even shares as
+    // far as that slack allows.
+    let target = hi * 1.005;
+    let caps: Vec<f64> = (0..devs.len()).map(|j| (target * t[j] - base[j]).max(0.0)).collect();
+    let (mut u_lo, mut u_hi) = (0.0f64, 1.0f64);
+    while u_hi - u_lo > 1e-3 {
+        let u = 0.5 * (u_lo + u_hi);
+        let limit: Vec<f64> = multi
+            .iter()
+            .flat_map(|&i| {
+                let cap = w[experts[i] as usize] * u.max(1.0 / held[i].len() as f64);
+                held[i].iter().map(move |_| cap)
+            })
+            .collect();
+        let (flow, e) = net.run(&supply, &caps, &limit);
+        if flow >= total * (1.0 - 1e-9) {
+            u_hi = u;
+            edges = e;
+        } else {
+            u_lo = u;
+        }
+    }
     {
         let mut flow_load = base.clone();
         let mut k = 0;
@@ -712,7 +734,6 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
                 k += 1;
             }
         }
-        let target = hi * 1.005;
         let lambda = (0..devs.len())
             .filter(|&j| even_load[j] > flow_load[j])
             .map(|j| ((target * t[j] - flow_load[j]) / (even_load[j] - flow_load[j])).clamp(0.0, 1.0))
@@ -805,16 +826,17 @@ impl Flow {
         i
     }
 
-    /// Max flow with these supplies and device capacities; (flow, flow on each replica edge).
-    fn run(&mut self, supply: &[f64], sink: &[f64]) -> (f64, Vec<f64>) {
+    /// Max flow with these supplies, device capacities and caps on the replica edges (in
+    /// `replica_edges` order); (flow, flow on each replica edge).
+    fn run(&mut self, supply: &[f64], sink: &[f64], replica: &[f64]) -> (f64, Vec<f64>) {
         for c in self.cap.iter_mut() {
             *c = 0.0;
         }
         for (k, &e) in self.supply_edges.iter().enumerate() {
             self.cap[e] = supply[k];
         }
-        for &e in &self.replica_edges {
-            self.cap[e] = f64::INFINITY;
+        for (&e, &c) in self.replica_edges.iter().zip(replica) {
+            self.cap[e] = c;
         }
         for (j, &e) in self.sink_edges.iter().enumerate() {
             self.cap[e] = sink[j];

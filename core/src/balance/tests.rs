@@ -230,6 +230,49 @@ fn replicas_spread_over_nodes_when_more_than_one_is_required() {
 }
 
 #[test]
+fn shares_level_the_devices_with_the_evenest_split() {
+    // Four equal devices, sixteen equal experts with two replicas each, but 9 and 7 replicas
+    // on the last two devices (as a node-aware packing can leave them): shares must move half
+    // an expert's load from device 3 to device 2 through the others, and do it with every
+    // share near a half, not by starving one replica of most experts.
+    let devs = devices(2, 2, 16, 1.0);
+    let held: Vec<Vec<u32>> = [
+        [0, 3],
+        [1, 2],
+        [0, 3],
+        [1, 2],
+        [0, 3],
+        [1, 3],
+        [0, 2],
+        [1, 3],
+        [0, 2],
+        [1, 3],
+        [0, 3],
+        [1, 2],
+        [0, 3],
+        [1, 2],
+        [0, 3],
+        [1, 2],
+    ]
+    .iter()
+    .map(|r| r.to_vec())
+    .collect();
+    let w = vec![1.0; 16];
+    let experts: Vec<u32> = (0..16).collect();
+    let current = HashMap::new();
+    let ctx = Ctx { devices: &devs, caps: &[16; 4], current: &current, stickiness: 0.0 };
+    let slots = shares(&ctx, &w, &experts, &held);
+    let mut load = [0.0; 4];
+    for s in &slots {
+        load[s.device as usize] += s.share;
+    }
+    // Levelled to within the 0.5% the evening may spend (even shares would put 4.5 on one).
+    assert!(load.iter().all(|&l| l <= 4.0 * 1.0051), "devices not levelled: {load:?}");
+    let (lo, hi) = slots.iter().fold((1.0f64, 0.0f64), |(a, b), s| (a.min(s.share), b.max(s.share)));
+    assert!(lo > 0.4 && hi < 0.6, "shares from {lo} to {hi}; 0.44 to 0.58 level the devices");
+}
+
+#[test]
 fn bad_problems_are_refused_with_what_was_wrong() {
     let loads = vec![vec![1.0; 8]];
     let devs = devices(1, 2, 3, 1.0);
