@@ -56,8 +56,9 @@ async fn two_replicas_on_distinct_nodes_share_the_rows() {
         }
     }
     // Rows computed once in total, and split by the plan's shares: one request per layer, so
-    // each expert's rows were split once, and systematic sampling gives replica i within one
-    // row of n x share_i (so every replica whose share is worth a row got one).
+    // each expert's rows were split once, by systematic sampling, which gives replica i either
+    // floor(n x share_i) or ceil(n x share_i) rows. The shares need not be even: placement
+    // levels the workers' loads with them.
     let mut per_expert: HashMap<(u32, u32), HashMap<String, u64>> = HashMap::new();
     let mut total = 0;
     for w in &cluster.workers {
@@ -69,7 +70,7 @@ async fn two_replicas_on_distinct_nodes_share_the_rows() {
         }
     }
     assert_eq!(total, routed, "every routed pair computed exactly once across replicas");
-    let (mut spread, mut busy) = (0, 0);
+    let mut spread = 0;
     for l in &plan.layers {
         for (e, reps) in l.experts.iter().enumerate() {
             let shares: Vec<f64> = if reps.shares.is_empty() {
@@ -94,15 +95,15 @@ async fn two_replicas_on_distinct_nodes_share_the_rows() {
             for (c, s) in got.iter().zip(&shares) {
                 let want = n as f64 * s;
                 assert!(
-                    (*c as f64 - want).abs() < 1.0 + 1e-3,
+                    (want - 1e-3).floor() <= *c as f64 && *c as f64 <= (want + 1e-3).ceil(),
                     "layer {} expert {e}: {n} rows split {got:?}, shares {shares:?}",
                     l.layer
                 );
             }
-            busy += usize::from(n >= 2);
             spread += usize::from(got.iter().all(|&c| c > 0));
         }
     }
-    println!("experts with rows on both replicas: {spread} of {busy} with >= 2 rows");
-    assert!(spread * 2 > busy, "most experts with two or more rows have them on both replicas");
+    // Not vacuous: some expert's rows were actually split over its replicas.
+    println!("experts with rows on every replica: {spread}");
+    assert!(spread > 0, "no expert had its rows split over its replicas");
 }
