@@ -700,12 +700,12 @@ fn shares(ctx: &Ctx, w: &[f64], experts: &[u32], held: &[Vec<u32>]) -> Vec<Slot>
         }
         return out;
     };
-    // Among (near-)optimal shares, the evenest. A max-flow picks extreme points, which can
-    // leave a replica with next to no rows (0.02 against 0.98 where 0.45 against 0.55 levels
-    // the devices as well), so: the smallest cap on any replica's share of its expert that
-    // still keeps every device within 0.5% of the optimum, then a blend toward even shares as
-    // far as that slack allows.
-    let target = hi * 1.005;
+    // Among optimal shares, the evenest. A max-flow picks extreme points, which can leave a
+    // replica with next to no rows (0.02 against 0.98 where 0.45 against 0.55 levels the
+    // devices as well), so: the smallest cap on any replica's share of its expert that still
+    // keeps every device within 0.01% of the optimum, then a blend toward even shares as far
+    // as that slack allows (all the way when even shares are within it).
+    let target = hi * 1.0001;
     let caps: Vec<f64> = (0..devs.len()).map(|j| (target * t[j] - base[j]).max(0.0)).collect();
     let (mut u_lo, mut u_hi) = (0.0f64, 1.0f64);
     while u_hi - u_lo > 1e-3 {

@@ -266,10 +266,13 @@ fn shares_level_the_devices_with_the_evenest_split() {
     for s in &slots {
         load[s.device as usize] += s.share;
     }
-    // Levelled to within the 0.5% the evening may spend (even shares would put 4.5 on one).
-    assert!(load.iter().all(|&l| l <= 4.0 * 1.0051), "devices not levelled: {load:?}");
+    // Levelled (even shares would put 4.5 on one), to within the 0.01% the evening may spend.
+    assert!(load.iter().all(|&l| l <= 4.0 * 1.0002), "devices not levelled: {load:?}");
     let (lo, hi) = slots.iter().fold((1.0f64, 0.0f64), |(a, b), s| (a.min(s.share), b.max(s.share)));
-    assert!(lo > 0.4 && hi < 0.6, "shares from {lo} to {hi}; 0.44 to 0.58 level the devices");
+    // Half an expert's load goes 3 -> 0 -> 2 over experts 6 and 8 and 3 -> 1 -> 2 over three
+    // experts: 0.2 and 0.3 of it, 0.1 per expert on each path, so shares from 0.4 to 0.6 are
+    // the evenest that level the devices.
+    assert!(lo > 0.399 && hi < 0.601, "shares from {lo} to {hi}; 0.4 to 0.6 level the devices");
 }
 
 #[test]
