@@ -496,6 +496,11 @@ fn every_flag_has_help_and_bad_flag_values_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // A zero-token batch is refused before the benchmark builds anything.
+    let o = Command::new(BIN).args(["bench", "--batches", "1,0"]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--batches [1, 0]: a batch of 0 tokens"), "{err}");
+    assert!(!err.contains("generating"), "refused only after starting work:\n{err}");
     // gen-model keeps an existing model unless told.
     let work = tempfile::tempdir().unwrap();
     let gen = |force: bool| {

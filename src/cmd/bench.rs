@@ -171,6 +171,9 @@ where
 
 pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
+    if a.batches.contains(&0) {
+        bail!("--batches {:?}: a batch of 0 tokens; expected token counts of at least 1", a.batches);
+    }
     let work = scratch("expertmesh-bench-")?;
     if a.fault.is_some() && which("etcd").is_none() {
         bail!(
