@@ -65,6 +65,42 @@ pub(crate) fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// Clap parser for a count that must be at least 1 (tokens, clients, threads, copies, runs).
+pub(crate) fn count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number; expected at least 1")),
+    }
+}
+
+/// Clap parser for a time in seconds: a finite number above 0.
+pub(crate) fn seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        Ok(_) => Err(format!("{s} seconds: expected a number of seconds above 0")),
+        Err(_) => Err(format!("`{s}` is not a number of seconds")),
+    }
+}
+
+/// Clap parser for a fraction from 0 to 1.
+pub(crate) fn fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}`: expected a fraction from 0 to 1")),
+    }
+}
+
+/// `--replicas` copies of every expert on distinct workers of a local cluster of `workers`.
+pub(crate) fn check_replicas(replicas: usize, workers: usize) -> Result<()> {
+    if replicas > workers {
+        bail!(
+            "--replicas {replicas}: every expert on {replicas} distinct workers needs at least {replicas} workers; --workers gives {workers}"
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn parse_wire(s: &str) -> Result<DType> {
     match DType::parse(s)? {
         d @ (DType::BF16 | DType::F32) => Ok(d),
@@ -114,14 +150,19 @@ pub(crate) async fn cluster_dispatcher(
 }
 
 /// Wait for the local cluster's first committed placement; a worker that cannot load its experts
-/// fails the wait at once with its own error (the coordinator keeps it with the worker's status).
+/// fails the wait at once with its own error (the coordinator keeps it with the worker's status),
+/// and so does a cluster the coordinator cannot place the experts on, with the coordinator's.
 pub(crate) async fn first_placement(cluster: &LocalCluster, d: &Dispatcher) -> Result<()> {
     let mut coord = connect_coordinator(&cluster.coordinator, Duration::from_secs(5), cluster.tls.as_ref()).await?;
     let load_error = async {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
             let Ok(s) = coord.cluster_status(ClusterStatusRequest {}).await else { continue };
-            if let Some(w) = s.into_inner().workers.into_iter().find(|w| !w.error.is_empty()) {
+            let s = s.into_inner();
+            if !s.placement_blocked.is_empty() {
+                return anyhow!("the coordinator cannot place the experts: {}", s.placement_blocked);
+            }
+            if let Some(w) = s.workers.into_iter().find(|w| !w.error.is_empty()) {
                 let id = w.info.map(|i| i.worker_id).unwrap_or_default();
                 return anyhow!("worker {id} cannot load its experts: {}", w.error);
             }

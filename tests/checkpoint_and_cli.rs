@@ -496,11 +496,32 @@ fn every_flag_has_help_and_bad_flag_values_are_refused() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // A zero-token batch is refused before the benchmark builds anything.
-    let o = Command::new(BIN).args(["bench", "--batches", "1,0"]).output().unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("--batches [1, 0]: a batch of 0 tokens"), "{err}");
-    assert!(!err.contains("generating"), "refused only after starting work:\n{err}");
+    // Counts, times and fractions out of range are refused before anything is built or started.
+    for (args, says) in [
+        (&["bench", "--batches", "1,0"][..], "invalid value '0' for '--batches <BATCHES>': expected at least 1"),
+        (&["bench", "--skew", "1.5"], "expected a fraction from 0 to 1"),
+        (&["bench", "--worker-threads", "0"], "expected at least 1"),
+        (
+            &["bench", "--replicas", "5", "--fault", "kill-worker"],
+            "--replicas 5: every expert on 5 distinct workers needs at least 5 workers; --workers gives 4",
+        ),
+        (&["up", "--batch", "0"], "invalid value '0' for '--batch <BATCH>': expected at least 1"),
+        (&["up", "--concurrency", "x"], "`x` is not a whole number"),
+        (&["up", "--duration", "0"], "expected a number of seconds above 0"),
+        (&["up", "--workers", "2", "--replicas", "3"], "needs at least 3 workers; --workers gives 2"),
+        (
+            &["coordinator", "--model", "/nonexistent", "--replicas", "0"],
+            "invalid value '0' for '--replicas <REPLICAS>'",
+        ),
+    ] {
+        let o = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+        assert!(
+            !err.contains("generating") && !err.contains("starting"),
+            "{args:?}: refused only after starting work:\n{err}"
+        );
+    }
     // gen-model keeps an existing model unless told.
     let work = tempfile::tempdir().unwrap();
     let gen = |force: bool| {

@@ -107,3 +107,28 @@ async fn two_replicas_on_distinct_nodes_share_the_rows() {
     println!("experts with rows on every replica: {spread}");
     assert!(spread > 0, "no expert had its rows split over its replicas");
 }
+
+#[test]
+fn more_replicas_than_workers_is_reported_in_status_until_a_worker_joins() {
+    let (dir, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 32);
+    let mut cluster = Cluster::coordinator_only(dir.path(), 2, &["--replicas", "3"]);
+    cluster.add_worker("w0", &[]);
+    cluster.add_worker("w1", &[]);
+    let addr = cluster.coordinator.addr.clone();
+    let s = wait_status(&addr, std::time::Duration::from_secs(60), "placement blocked", |s| {
+        s["placement_blocked"].as_str().is_some_and(|b| !b.is_empty())
+    });
+    let why = s["placement_blocked"].as_str().unwrap();
+    assert!(why.contains("3 replicas of every expert need 3 workers; the cluster has 2"), "{why}");
+    assert_eq!(s["current_epoch"], 0, "{s}");
+    // The text form says it where an operator looks first.
+    let o = std::process::Command::new(common::cluster::BIN).args(["status", "--coordinator", &addr]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("cannot place the experts: 3 replicas of every expert need 3 workers"), "{text}");
+    // A third worker makes it placeable: committed, and the reason is gone.
+    cluster.add_worker("w2", &[]);
+    let s = wait_status(&addr, std::time::Duration::from_secs(60), "epoch 1 on three workers", |s| {
+        s["current_epoch"].as_u64() >= Some(1)
+    });
+    assert_eq!(s["placement_blocked"], "", "{s}");
+}

@@ -183,6 +183,8 @@ struct State {
     leader: String,
     /// Worker set a placement last failed for (not retried until membership changes).
     failed_for: Option<Vec<WorkerInfo>>,
+    /// Why that placement failed; cleared by the next proposal.
+    blocked: String,
     /// Workers a dispatcher could not reach -> who reported it.
     suspects: BTreeMap<String, String>,
     /// NCCL unique ids rank 0 of each group reported: (epoch, group) -> id.
@@ -1166,6 +1168,9 @@ impl CoordinatorCore {
                     ),
                     Err(e) => {
                         warn!(error = %e, workers = workers.len(), "cannot place experts on the current workers; waiting for membership to change");
+                        let why = e.to_string();
+                        let why = why.strip_prefix("placement: ").unwrap_or(&why);
+                        st.blocked = format!("{why} (waiting for membership to change)");
                         st.failed_for = Some(workers);
                         return Ok(());
                     }
@@ -1192,6 +1197,7 @@ impl CoordinatorCore {
             "placement proposed"
         );
         st.policy = policy;
+        st.blocked.clear();
         self.apply(st, &self.keys.plan(epoch), Some(&bytes));
         self.apply(st, &self.keys.pending(), Some(epoch.to_string().as_bytes()));
         Ok(())
@@ -1551,6 +1557,7 @@ impl Coordinator for CoordinatorService {
             imbalance,
             rebalances: st.rebalances,
             placement_policy: st.policy.clone(),
+            placement_blocked: st.blocked.clone(),
             expect_workers: c.cfg.expect_workers as u32,
             pending_waits_for: match &st.pending {
                 None => Vec::new(),

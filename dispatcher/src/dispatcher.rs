@@ -339,7 +339,7 @@ impl Dispatcher {
             Ok(Err(_)) => Err(Error::Unavailable("placement watch closed".into())),
             Err(_) => Err(Error::Unavailable(match after {
                 None => format!(
-                    "no placement committed within {:?} (`expertmesh status` shows workers that cannot load their experts)",
+                    "no placement committed within {:?} (`expertmesh status` says why: workers that cannot load their experts, or experts that do not fit the workers)",
                     self.cfg.placement_wait
                 ),
                 Some(e) => format!("no placement newer than epoch {e} within {:?}", self.cfg.placement_wait),

@@ -19,7 +19,9 @@ use expertmesh_worker::synth::{generate, GenOptions};
 use tokio_util::sync::CancellationToken;
 
 use crate::local::{LocalOptions, WorkerMix};
-use crate::shared::{cluster_dispatcher, parse_wire, percentile, random_batch, scratch, which};
+use crate::shared::{
+    check_replicas, cluster_dispatcher, count, fraction, parse_wire, percentile, random_batch, scratch, seconds, which,
+};
 
 mod fault;
 mod skew;
@@ -34,7 +36,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "4")]
     pub(crate) workers: WorkerMix,
     /// Compute threads of each worker (default: one per core; the workers share the cores).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub(crate) worker_threads: Option<usize>,
     /// Bind each worker to CPUs of its own (`--cpus`: even blocks of this machine's CPUs, or
     /// one each in turn when there are more workers than CPUs), as if each had its own device.
@@ -42,11 +44,11 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) pin_workers: bool,
     /// Tokens per batch, comma-separated: decode sizes (1 to 64) and prefill sizes.
-    #[arg(long, default_value = "1,8,64,256,1024,4096", value_delimiter = ',')]
+    #[arg(long, default_value = "1,8,64,256,1024,4096", value_delimiter = ',', value_parser = count)]
     pub(crate) batches: Vec<usize>,
     /// Timed iterations at 4096 tokens (after one warm-up); smaller batches run proportionally
     /// more, up to 200, so that decode-size percentiles are stable.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = count)]
     pub(crate) iters: usize,
     /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16")]
@@ -75,23 +77,23 @@ pub(crate) struct BenchArgs {
     /// Run a skewed workload instead (this fraction of tokens pulled to a few hot experts)
     /// through a cluster with redundant experts, before and after the leader rebalances; the
     /// first --batches size is the request size.
-    #[arg(long, conflicts_with = "fault")]
+    #[arg(long, conflicts_with = "fault", value_parser = fraction)]
     pub(crate) skew: Option<f64>,
     /// With --fault: copies of every expert.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     pub(crate) replicas: usize,
     /// With --fault: lease TTL of workers and coordinators.
     #[arg(long, default_value_t = 3000)]
     pub(crate) lease_ttl_ms: u64,
     /// With --fault: seconds of steady traffic before the fault and after recovery (with
     /// --skew: of each phase).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 5.0, value_parser = seconds)]
     pub(crate) steady_s: f64,
     /// With --fault stop-etcd or stop-worker: how long etcd stays down, or the worker frozen.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = seconds)]
     pub(crate) outage_s: f64,
     /// With --fault or --skew: concurrent clients.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     pub(crate) concurrency: usize,
 }
 
@@ -171,9 +173,7 @@ where
 
 pub(crate) async fn run(a: BenchArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
-    if a.batches.contains(&0) {
-        bail!("--batches {:?}: a batch of 0 tokens; expected token counts of at least 1", a.batches);
-    }
+    check_replicas(a.replicas, a.workers.len())?;
     let work = scratch("expertmesh-bench-")?;
     if a.fault.is_some() && which("etcd").is_none() {
         bail!(

@@ -11,7 +11,7 @@ use expertmesh_coordinator::CoordinatorConfig;
 use expertmesh_dispatcher::Checkpoint;
 
 use crate::env;
-use crate::shared::shutdown_on_signals;
+use crate::shared::{count, shutdown_on_signals};
 use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
@@ -23,10 +23,10 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, env = env::MODEL)]
     pub(crate) model: PathBuf,
     /// Wait for this many workers before the first placement.
-    #[arg(long, default_value_t = 1, env = env::EXPECT_WORKERS)]
+    #[arg(long, default_value_t = 1, env = env::EXPECT_WORKERS, value_parser = count)]
     pub(crate) expect_workers: usize,
     /// Copies of every expert, on distinct workers.
-    #[arg(long, default_value_t = 1, env = env::REPLICAS)]
+    #[arg(long, default_value_t = 1, env = env::REPLICAS, value_parser = count)]
     pub(crate) replicas: usize,
     /// Lease TTL of workers registered through this coordinator, and of its leadership.
     #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]

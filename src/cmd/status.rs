@@ -87,7 +87,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
                 "model_type": s.model_type, "moe_layers": s.moe_layers, "routed_experts": s.routed_experts,
                 "leader": s.leader, "is_leader": s.is_leader, "coordinator": s.coordinator,
                 "mutual_tls": s.mutual_tls, "refused_calls": s.refused_calls, "expect_workers": s.expect_workers,
-                "pending_waits_for": s.pending_waits_for,
+                "pending_waits_for": s.pending_waits_for, "placement_blocked": s.placement_blocked,
                 "placement_policy": s.placement_policy, "imbalance": s.imbalance, "rebalances": s.rebalances,
                 "window_s": s.window_s, "window_tokens": s.window_loads.iter().fold(0u64, |a, e| a.saturating_add(e.tokens)),
                 "workers": workers})
@@ -95,6 +95,7 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
         return Ok(());
     }
     let placement = match (s.current_epoch, s.pending_epoch) {
+        (0, 0) if !s.placement_blocked.is_empty() => format!("cannot place the experts: {}", s.placement_blocked),
         (0, 0) => {
             format!("no placement yet: waiting for {} workers ({} registered)", s.expect_workers, s.workers.len())
         }
@@ -105,6 +106,9 @@ pub(crate) async fn run(a: StatusArgs) -> Result<()> {
     println!("model {} ({} MoE layers x {} experts); {placement}", s.model_type, s.moe_layers, s.routed_experts);
     for w in &s.pending_waits_for {
         println!("  epoch {} waits for {w}", s.pending_epoch);
+    }
+    if s.current_epoch > 0 && !s.placement_blocked.is_empty() {
+        println!("  the membership change cannot be placed: {}", s.placement_blocked);
     }
     if s.imbalance > 0.0 {
         println!(

@@ -15,7 +15,8 @@ use expertmesh_proto::v1::ClusterStatusRequest;
 use crate::env;
 use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{
-    cluster_dispatcher, parse_wire, percentile, random_batch, resolve_model, scratch, shutdown_on_signals, ModelSource,
+    check_replicas, cluster_dispatcher, count, parse_wire, percentile, random_batch, resolve_model, scratch, seconds,
+    shutdown_on_signals, ModelSource,
 };
 
 #[derive(Debug, Args)]
@@ -26,22 +27,22 @@ pub(crate) struct UpArgs {
     #[arg(long, default_value = "4")]
     pub(crate) workers: WorkerMix,
     /// Stop after this many seconds (default: run until Ctrl-C).
-    #[arg(long)]
+    #[arg(long, value_parser = seconds)]
     pub(crate) duration: Option<f64>,
     /// Tokens per request.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = count)]
     pub(crate) batch: usize,
     /// Requests in flight.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = count)]
     pub(crate) concurrency: usize,
     /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
     /// Copies of every expert, on distinct workers.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = count)]
     pub(crate) replicas: usize,
     /// Compute threads of each worker (default: one per core; the workers share the cores).
-    #[arg(long)]
+    #[arg(long, value_parser = count)]
     pub(crate) worker_threads: Option<usize>,
     /// Bind each worker to CPUs of its own (`--cpus`: even blocks of this machine's CPUs, or
     /// one each in turn when there are more workers than CPUs).
@@ -58,6 +59,7 @@ pub(crate) struct UpArgs {
 
 pub(crate) async fn run(a: UpArgs) -> Result<()> {
     let wire = parse_wire(&a.wire)?;
+    check_replicas(a.replicas, a.workers.len())?;
     let work = scratch("expertmesh-up-")?;
     let model = resolve_model(&a.source, work.path())?;
     // Logs outlive the run (the generated model does not).
@@ -96,7 +98,7 @@ pub(crate) async fn run(a: UpArgs) -> Result<()> {
     let tokens_done = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut drivers = Vec::new();
-    for c in 0..a.concurrency.max(1) {
+    for c in 0..a.concurrency {
         let (d, layers, lat, tokens_done, errors, stop) =
             (d.clone(), layers.clone(), lat.clone(), tokens_done.clone(), errors.clone(), stop.clone());
         let batch = a.batch;
