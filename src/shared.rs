@@ -74,6 +74,15 @@ pub(crate) fn count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Clap parser for milliseconds of at least `min`.
+pub(crate) fn millis(min: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
+    move |s: &str| match s.parse::<u64>() {
+        Ok(v) if v >= min => Ok(v),
+        Ok(_) => Err(format!("expected at least {min} ms")),
+        Err(_) => Err(format!("`{s}` is not a whole number of milliseconds")),
+    }
+}
+
 /// Clap parser for a time in seconds: a finite number above 0.
 pub(crate) fn seconds(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {

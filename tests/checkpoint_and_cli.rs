@@ -513,6 +513,9 @@ fn every_flag_has_help_and_bad_flag_values_are_refused() {
             &["coordinator", "--model", "/nonexistent", "--replicas", "0"],
             "invalid value '0' for '--replicas <REPLICAS>'",
         ),
+        (&["worker", "--coordinator", "127.0.0.1:1", "--max-batch-tokens", "0"], "expected at least 1"),
+        (&["worker", "--coordinator", "127.0.0.1:1", "--stall-timeout-ms", "50"], "expected at least 100 ms"),
+        (&["gen-input", "--model", "/nonexistent", "--out", "/nonexistent/x", "--tokens", "0"], "expected at least 1"),
     ] {
         let o = Command::new(BIN).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);

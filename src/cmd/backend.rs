@@ -45,17 +45,18 @@ struct BenchArgs {
     /// 256 experts, top-8), bench (hidden 2048, FFN 1024, 64 experts, top-6).
     #[arg(long, value_delimiter = ',', default_value = "v4-pro,v3")]
     shapes: Vec<String>,
-    /// Tokens per batch (the whole batch; this device takes its 1/8 share of the rows).
-    #[arg(long, value_delimiter = ',', default_value = "128,1024,8192")]
+    /// Tokens per batch (the whole batch; this device takes its 1/SHARE of the rows).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,8192", value_parser = crate::shared::count)]
     tokens: Vec<usize>,
     /// Weight dtypes: bf16, f8_e4m3 (128x128 block scales), f16, f32.
     #[arg(long, value_delimiter = ',', default_value = "bf16,f8_e4m3")]
     weights: Vec<String>,
     /// Measure each point for at least this long.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::shared::seconds)]
     min_secs: f64,
-    /// Fraction of the experts this device holds.
-    #[arg(long, default_value_t = 8)]
+    /// This device holds 1/SHARE of the experts (as one of SHARE devices of an expert-parallel
+    /// group).
+    #[arg(long, default_value_t = 8, value_parser = crate::shared::count)]
     share: usize,
 }
 
@@ -109,7 +110,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     let mut points = Vec::new();
     for s in &a.shapes {
         let s = shape(s)?;
-        let local = (s.experts / a.share.max(1)).max(1);
+        let local = (s.experts / a.share).max(1);
         for w in &a.weights {
             let dtype = DType::parse(w)?;
             let layer = expertmesh_kernels::bench::repeated_layer(&*b, s.hidden, s.ffn, local, dtype, 41)?;

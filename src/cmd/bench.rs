@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{
-    check_replicas, cluster_dispatcher, count, fraction, parse_wire, percentile, random_batch, scratch, seconds, which,
+    check_replicas, cluster_dispatcher, count, fraction, millis, parse_wire, percentile, random_batch, scratch,
+    seconds, which,
 };
 
 mod fault;
@@ -83,7 +84,7 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 1, value_parser = count)]
     pub(crate) replicas: usize,
     /// With --fault: lease TTL of workers and coordinators.
-    #[arg(long, default_value_t = 3000)]
+    #[arg(long, default_value_t = 3000, value_parser = millis(300))]
     pub(crate) lease_ttl_ms: u64,
     /// With --fault: seconds of steady traffic before the fault and after recovery (with
     /// --skew: of each phase).

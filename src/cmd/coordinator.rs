@@ -11,7 +11,7 @@ use expertmesh_coordinator::CoordinatorConfig;
 use expertmesh_dispatcher::Checkpoint;
 
 use crate::env;
-use crate::shared::{count, shutdown_on_signals};
+use crate::shared::{count, millis, shutdown_on_signals};
 use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
@@ -29,7 +29,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, default_value_t = 1, env = env::REPLICAS, value_parser = count)]
     pub(crate) replicas: usize,
     /// Lease TTL of workers registered through this coordinator, and of its leadership.
-    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS, value_parser = millis(300))]
     pub(crate) lease_ttl_ms: u64,
     /// Cluster name: the prefix of its keys in the store (several clusters can share one etcd).
     #[arg(long, default_value = "default", env = env::CLUSTER)]
@@ -42,7 +42,7 @@ pub(crate) struct CoordinatorArgs {
     pub(crate) advertise: Option<String>,
     /// A worker that does not report ready for a proposed placement within this is left out of
     /// the next plans for as long again, so it never blocks re-planning for the others.
-    #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS)]
+    #[arg(long, default_value_t = 180_000, env = env::READY_TIMEOUT_MS, value_parser = millis(100))]
     pub(crate) ready_timeout_ms: u64,
     /// Extra expert replicas per layer, beyond --replicas copies of every expert: placement
     /// gives them to the experts with the most load per replica.
@@ -93,12 +93,12 @@ pub(crate) async fn run(a: CoordinatorArgs) -> Result<()> {
         cluster: a.cluster,
         model_dir,
         model_config_json: ck.config_text().to_string(),
-        lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)),
+        lease_ttl: Duration::from_millis(a.lease_ttl_ms),
         expect_workers: a.expect_workers,
         replicas: a.replicas,
         expert_bytes,
         advertise: a.advertise.unwrap_or_default(),
-        ready_timeout: Duration::from_millis(a.ready_timeout_ms.max(100)),
+        ready_timeout: Duration::from_millis(a.ready_timeout_ms),
         tls,
         store_tls,
         metrics_listen: a.server.metrics_listen,

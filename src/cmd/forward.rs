@@ -42,7 +42,7 @@ pub(crate) struct ForwardArgs {
     #[arg(long, env = env::ENTRY, value_delimiter = ',')]
     pub(crate) entry: Vec<String>,
     /// With --entry: deadline of the whole call, retries included (sent as grpc-timeout).
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_parser = crate::shared::millis(1))]
     pub(crate) timeout_ms: u64,
     /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
@@ -161,7 +161,7 @@ async fn forward_entry(a: &ForwardArgs, wire: DType) -> Result<()> {
     use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
     use expertmesh_proto::v1::{DescribeRequest, ForwardRequest};
     use expertmesh_worker::client::MoeClient;
-    let timeout = Duration::from_millis(a.timeout_ms.max(1));
+    let timeout = Duration::from_millis(a.timeout_ms);
     let tls = a.tls.load()?;
     let client = MoeClient::new(&a.entry, timeout, 256 << 20, tls.as_ref()).map_err(|e| anyhow!("--entry: {e}"))?;
     // The model's shape, from the first entry that answers.

@@ -67,7 +67,7 @@ pub(crate) struct GenInputArgs {
     #[arg(long, env = env::MODEL)]
     pub(crate) model: PathBuf,
     /// Tokens of input.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = crate::shared::count)]
     pub(crate) tokens: usize,
     /// File to write the inputs into (safetensors).
     #[arg(long)]

@@ -13,6 +13,7 @@ use expertmesh_worker::node::{run_worker, StopSignals, WorkerConfig};
 use expertmesh_worker::service::AdmissionConfig;
 
 use crate::env;
+use crate::shared::{count, millis};
 use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
@@ -29,7 +30,7 @@ pub(crate) struct WorkerArgs {
     pub(crate) cluster: String,
     /// TTL of the worker's lease in the store (with `--store`; through a coordinator, the
     /// coordinator's TTL applies).
-    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS)]
+    #[arg(long, default_value_t = 10_000, env = env::LEASE_TTL_MS, value_parser = millis(300))]
     pub(crate) lease_ttl_ms: u64,
     /// On SIGTERM, how long to wait for the experts to move away before leaving anyway.
     #[arg(long, default_value_t = 25_000, env = env::DRAIN_TIMEOUT_MS)]
@@ -61,7 +62,7 @@ pub(crate) struct WorkerArgs {
     #[arg(long, env = env::MEMORY_GIB)]
     pub(crate) memory_gib: Option<f64>,
     /// Largest gRPC message either way, MiB (and so the largest chunk of rows).
-    #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB)]
+    #[arg(long, default_value_t = 64, env = env::MAX_MESSAGE_MIB, value_parser = count)]
     pub(crate) max_message_mib: usize,
     /// How long rows with no live owner wait for a (newer) committed placement before the
     /// request fails UNAVAILABLE.
@@ -70,43 +71,43 @@ pub(crate) struct WorkerArgs {
     /// The longest a destination may stay silent before its stream is given up and it is
     /// reported (rows with a live replica are hedged much sooner, after a budget learned from
     /// the destination's own answers).
-    #[arg(long, default_value_t = 5_000, env = env::RPC_TIMEOUT_MS)]
+    #[arg(long, default_value_t = 5_000, env = env::RPC_TIMEOUT_MS, value_parser = millis(10))]
     pub(crate) rpc_timeout_ms: u64,
     /// Deadline of a MoeLayer.Forward whose caller sent no `grpc-timeout`.
-    #[arg(long, default_value_t = 30_000, env = env::REQUEST_TIMEOUT_MS)]
+    #[arg(long, default_value_t = 30_000, env = env::REQUEST_TIMEOUT_MS, value_parser = millis(1))]
     pub(crate) request_timeout_ms: u64,
     /// Never hedge a silent destination's rows sooner than this after its last answer.
     #[arg(long, default_value_t = 20, env = env::HEDGE_MIN_MS)]
     pub(crate) hedge_min_ms: u64,
     /// Most tokens in one MoeLayer.Forward; a Compute stream carries at most this x top-k rows.
-    #[arg(long, default_value_t = 65_536, env = env::MAX_BATCH_TOKENS)]
+    #[arg(long, default_value_t = 65_536, env = env::MAX_BATCH_TOKENS, value_parser = count)]
     pub(crate) max_batch_tokens: usize,
     /// Most chunks in one ExpertService.Compute stream.
-    #[arg(long, default_value_t = 65_536, env = env::MAX_STREAM_CHUNKS)]
+    #[arg(long, default_value_t = 65_536, env = env::MAX_STREAM_CHUNKS, value_parser = count)]
     pub(crate) max_stream_chunks: usize,
     /// Budget of ExpertService activation bytes in flight (decoded, computed, encoded).
-    #[arg(long, default_value_t = 1024, env = env::MAX_INFLIGHT_MIB)]
-    pub(crate) max_inflight_mib: u64,
+    #[arg(long, default_value_t = 1024, env = env::MAX_INFLIGHT_MIB, value_parser = count)]
+    pub(crate) max_inflight_mib: usize,
     /// Budget of MoeLayer.Forward bytes in flight on this entry worker.
-    #[arg(long, default_value_t = 2048, env = env::MAX_FORWARD_INFLIGHT_MIB)]
-    pub(crate) max_forward_inflight_mib: u64,
+    #[arg(long, default_value_t = 2048, env = env::MAX_FORWARD_INFLIGHT_MIB, value_parser = count)]
+    pub(crate) max_forward_inflight_mib: usize,
     /// Concurrent streams and calls per peer connection.
-    #[arg(long, default_value_t = 64, env = env::MAX_STREAMS_PER_PEER)]
+    #[arg(long, default_value_t = 64, env = env::MAX_STREAMS_PER_PEER, value_parser = count)]
     pub(crate) max_streams_per_peer: usize,
     /// Open connections; more are closed at once.
-    #[arg(long, default_value_t = 1024, env = env::MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = 1024, env = env::MAX_CONNECTIONS, value_parser = count)]
     pub(crate) max_connections: usize,
     /// Open connections from one IP address; more are closed at once.
-    #[arg(long, default_value_t = 256, env = env::MAX_CONNECTIONS_PER_IP)]
+    #[arg(long, default_value_t = 256, env = env::MAX_CONNECTIONS_PER_IP, value_parser = count)]
     pub(crate) max_connections_per_ip: usize,
     /// How long a request waits for room under a budget before RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1_000, env = env::ADMISSION_WAIT_MS)]
     pub(crate) admission_wait_ms: u64,
     /// A peer that does not read its answers for this long loses its connection.
-    #[arg(long, default_value_t = 10_000, env = env::STALL_TIMEOUT_MS)]
+    #[arg(long, default_value_t = 10_000, env = env::STALL_TIMEOUT_MS, value_parser = millis(100))]
     pub(crate) stall_timeout_ms: u64,
     /// A Compute stream whose peer sends nothing for this long is closed.
-    #[arg(long, default_value_t = 30_000, env = env::STREAM_IDLE_TIMEOUT_MS)]
+    #[arg(long, default_value_t = 30_000, env = env::STREAM_IDLE_TIMEOUT_MS, value_parser = millis(100))]
     pub(crate) stream_idle_timeout_ms: u64,
     /// How long a starting worker keeps trying to reach its coordinator (or store) before it
     /// exits non-zero saying why; once registered it serves on through outages.
@@ -155,7 +156,7 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         (Some(url), _) if url != "embedded" => ControlTarget::Store {
             url,
             cluster: a.cluster,
-            lease_ttl: Duration::from_millis(a.lease_ttl_ms.max(300)),
+            lease_ttl: Duration::from_millis(a.lease_ttl_ms),
             tls: a.server.etcd_tls.load(tls.as_ref())?,
         },
         (_, Some(c)) => ControlTarget::Coordinator { addrs: c, tls: tls.clone() },
@@ -177,23 +178,23 @@ pub(crate) async fn run(a: WorkerArgs) -> Result<()> {
         admission: AdmissionConfig {
             limits: Limits {
                 max_message_bytes: a.max_message_mib << 20,
-                max_batch_tokens: a.max_batch_tokens.max(1),
-                max_stream_chunks: a.max_stream_chunks.max(1),
+                max_batch_tokens: a.max_batch_tokens,
+                max_stream_chunks: a.max_stream_chunks,
             },
-            compute_budget_bytes: a.max_inflight_mib.max(1) << 20,
-            forward_budget_bytes: a.max_forward_inflight_mib.max(1) << 20,
-            max_streams_per_peer: a.max_streams_per_peer.max(1),
-            max_connections: a.max_connections.max(1),
-            max_connections_per_ip: a.max_connections_per_ip.max(1),
+            compute_budget_bytes: (a.max_inflight_mib as u64) << 20,
+            forward_budget_bytes: (a.max_forward_inflight_mib as u64) << 20,
+            max_streams_per_peer: a.max_streams_per_peer,
+            max_connections: a.max_connections,
+            max_connections_per_ip: a.max_connections_per_ip,
             admission_wait: Duration::from_millis(a.admission_wait_ms),
-            stall_timeout: Duration::from_millis(a.stall_timeout_ms.max(100)),
-            stream_idle_timeout: Duration::from_millis(a.stream_idle_timeout_ms.max(100)),
+            stall_timeout: Duration::from_millis(a.stall_timeout_ms),
+            stream_idle_timeout: Duration::from_millis(a.stream_idle_timeout_ms),
         },
         dispatcher: DispatcherConfig {
             max_message_bytes: a.max_message_mib << 20,
             placement_wait: Duration::from_millis(a.placement_wait_ms),
-            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms.max(10)),
-            request_timeout: Duration::from_millis(a.request_timeout_ms.max(1)),
+            rpc_timeout: Duration::from_millis(a.rpc_timeout_ms),
+            request_timeout: Duration::from_millis(a.request_timeout_ms),
             hedge_min: Duration::from_millis(a.hedge_min_ms),
             tls: tls.clone(),
             ..Default::default()

@@ -130,7 +130,7 @@ pub(crate) async fn fault_bench(a: &BenchArgs, fault: Fault, model: &Path, work:
     let inputs: Vec<_> = (0..8).map(|i| random_batch(&spec, tokens, 100 + i)).collect();
     let inputs = Arc::new(inputs);
     let mut clients = Vec::new();
-    for c in 0..a.concurrency.max(1) {
+    for c in 0..a.concurrency {
         let (d, samples, inputs, stop, victim_experts) =
             (d.clone(), samples.clone(), inputs.clone(), stop.clone(), victim_experts.clone());
         let wire = parse_wire(&a.wire)?;

@@ -150,7 +150,7 @@ pub(crate) async fn skew_bench(a: &BenchArgs, frac: f64, model: &Path, work: &Pa
     let samples: Samples = Arc::new(Mutex::new(Vec::new()));
     let wire = parse_wire(&a.wire)?;
     let mut clients = Vec::new();
-    for c in 0..a.concurrency.max(1) {
+    for c in 0..a.concurrency {
         let (d, samples, batches, stop, layers) =
             (d.clone(), samples.clone(), batches.clone(), stop.clone(), layers.clone());
         clients.push(tokio::spawn(async move {
