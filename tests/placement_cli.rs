@@ -95,6 +95,7 @@ fn simulate_refuses_bad_input_saying_what_was_expected() {
         ("{\"loads\": []}", "no layers or no experts"),
         ("[1, 2]", "expected {\"loads\""),
         ("{\"loads\": [[1, -2]]}", "finite and non-negative"),
+        ("{\"loads\": [[1e308, 1e308, 1]]}", "layer 0's loads sum past the largest number a float64 holds"),
     ] {
         std::fs::write(&lp, loads).unwrap();
         let (ok, _, err) = simulate(&["--loads", l, "--devices", "2", "--slots-per-device", "2"]);

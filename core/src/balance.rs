@@ -290,6 +290,13 @@ fn place_with(p: &Problem) -> Result<Placement> {
     if let Some(w) = p.loads.iter().flatten().find(|w| !w.is_finite() || **w < 0.0) {
         return Err(CoreError::Placement(format!("an expert load is {w}; loads must be finite and non-negative")));
     }
+    // Sums of loads (device loads, the ideal) must stay finite too; only the ratios matter.
+    if let Some(l) = p.loads.iter().position(|w| !w.iter().sum::<f64>().is_finite()) {
+        return Err(CoreError::Placement(format!(
+            "layer {l}'s loads sum past the largest number a float64 holds ({:e}); scale them down (only their ratios matter)",
+            f64::MAX
+        )));
+    }
     if let Some((d, dev)) =
         p.devices.iter().enumerate().find(|(_, d)| !(d.throughput.is_finite() && d.throughput > 0.0))
     {

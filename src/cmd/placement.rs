@@ -262,13 +262,15 @@ pub(crate) fn simulate(a: SimulateArgs) -> Result<()> {
     let even = even_placement(layers, experts, cluster.devices.len()).imbalance(&loads, &cluster.devices);
     let t: Vec<f64> = cluster.devices.iter().map(|d| d.throughput).collect();
     let speed: f64 = t.iter().sum();
+    // Each device's load over its fair share, averaged over the layers that have any load.
     let mut rel = vec![0.0; cluster.devices.len()];
+    let loaded = loads.iter().filter(|w| w.iter().any(|&x| x > 0.0)).count().max(1) as f64;
     for (l, layer) in plan.layers.iter().enumerate() {
         let d = layer.device_loads(&loads[l], cluster.devices.len());
         let ideal = d.iter().sum::<f64>() / speed;
         for (j, x) in d.iter().enumerate() {
             if ideal > 0.0 {
-                rel[j] += x / t[j] / ideal / layers as f64;
+                rel[j] += x / t[j] / ideal / loaded;
             }
         }
     }
@@ -329,10 +331,14 @@ pub(crate) fn simulate(a: SimulateArgs) -> Result<()> {
         .iter()
         .enumerate()
         .fold((0, 0), |(h, c), (i, &r)| (if r > rel[h] { i } else { h }, if r < rel[c] { i } else { c }));
-    println!(
-        "devices: most loaded {hot} ({}) at {:.3}x its fair share, least loaded {cold} ({}) at {:.3}x (means over layers)",
-        cluster.pools[hot], rel[hot], cluster.pools[cold], rel[cold]
-    );
+    if loads.iter().flatten().all(|&w| w == 0.0) {
+        println!("devices: no layer has any load; every placement is as good");
+    } else {
+        println!(
+            "devices: most loaded {hot} ({}) at {:.3}x its fair share, least loaded {cold} ({}) at {:.3}x (means over layers)",
+            cluster.pools[hot], rel[hot], cluster.pools[cold], rel[cold]
+        );
+    }
     if let (Some(total), Some(per)) = (out.bytes_moved, &out.bytes_moved_per_device) {
         let busiest = per.iter().enumerate().max_by_key(|(_, b)| **b).map(|(i, b)| (i, *b)).unwrap_or((0, 0));
         println!(
