@@ -74,6 +74,27 @@ pub(crate) fn count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// Clap parser for one `HOST:PORT` address (one this process announces: no scheme).
+pub(crate) fn address(s: &str) -> Result<String, String> {
+    expertmesh_core::limits::check_address("address", s).map(|()| s.to_string())
+}
+
+/// Clap parser for one `HOST:PORT` address to dial (an `http://` or `https://` prefix allowed).
+pub(crate) fn dial_address(s: &str) -> Result<String, String> {
+    let bare = s.strip_prefix("http://").or_else(|| s.strip_prefix("https://")).unwrap_or(s);
+    expertmesh_core::limits::check_address("address", bare).map(|()| s.to_string())
+}
+
+/// Clap parser for one or more comma-separated addresses to dial (coordinators tried in turn).
+pub(crate) fn addresses(s: &str) -> Result<String, String> {
+    let list: Vec<&str> = s.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+    if list.is_empty() {
+        return Err("expected HOST:PORT, or several comma-separated".into());
+    }
+    list.iter().try_for_each(|a| dial_address(a).map(|_| ()))?;
+    Ok(s.to_string())
+}
+
 /// Clap parser for milliseconds of at least `min`.
 pub(crate) fn millis(min: u64) -> impl Fn(&str) -> Result<u64, String> + Clone + Send + Sync + 'static {
     move |s: &str| match s.parse::<u64>() {

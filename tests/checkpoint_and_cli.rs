@@ -529,6 +529,13 @@ fn every_flag_has_help_and_bad_flag_values_are_refused() {
         (&["backend", "bench", "--tokens", "128,0"], "invalid value '0' for '--tokens <TOKENS>': expected at least 1"),
         (&["backend", "bench", "--share", "0"], "invalid value '0' for '--share <SHARE>': expected at least 1"),
         (&["backend", "bench", "--min-secs", "0"], "expected a number of seconds above 0"),
+        // Addresses are checked before anything is dialled (a DNS lookup of `nonsense` was the
+        // error before; port 99999 was "connection refused").
+        (&["status", "--coordinator", "nonsense"], "address `nonsense` has no port; expected HOST:PORT"),
+        (&["drain", "w1", "--coordinator", "127.0.0.1:99999"], "address `127.0.0.1:99999` has no valid port"),
+        (&["placement", "show", "--coordinator", "127.0.0.1:7400,bad"], "address `bad` has no port"),
+        (&["worker", "--coordinator", "127.0.0.1:1", "--advertise", "0.0.0.0"], "address `0.0.0.0` has no port"),
+        (&["forward", "--entry", "a:1,b", "--layer", "0", "--input", "x", "--output", "y"], "address `b` has no port"),
         (
             &["coordinator", "--model", "/nonexistent", "--replicas", "0"],
             "invalid value '0' for '--replicas <REPLICAS>'",

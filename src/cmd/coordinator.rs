@@ -11,7 +11,7 @@ use expertmesh_coordinator::CoordinatorConfig;
 use expertmesh_dispatcher::Checkpoint;
 
 use crate::env;
-use crate::shared::{count, millis, shutdown_on_signals};
+use crate::shared::{self, count, millis, shutdown_on_signals};
 use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
@@ -38,7 +38,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, default_value = "embedded", env = env::STORE)]
     pub(crate) store: String,
     /// Address workers and other coordinators reach this one at (default: the bound address).
-    #[arg(long, env = env::ADVERTISE)]
+    #[arg(long, env = env::ADVERTISE, value_parser = shared::address)]
     pub(crate) advertise: Option<String>,
     /// A worker that does not report ready for a proposed placement within this is left out of
     /// the next plans for as long again, so it never blocks re-planning for the others.

@@ -8,6 +8,7 @@ use expertmesh_cluster::control::connect_coordinator;
 use expertmesh_proto::v1::{ClusterStatusRequest, DrainRequest};
 
 use crate::env;
+use crate::shared;
 use crate::tls::TlsArgs;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -23,7 +24,7 @@ pub(crate) struct DrainArgs {
     #[arg(env = env::WORKER_ID)]
     pub(crate) worker_id: String,
     /// Coordinator address; several, comma-separated: the first that answers.
-    #[arg(long, env = env::COORDINATOR)]
+    #[arg(long, env = env::COORDINATOR, value_parser = shared::addresses)]
     pub(crate) coordinator: String,
     /// Wait at most this long (0: do not wait) for what `--until` names.
     #[arg(long, default_value_t = 60)]

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::env;
 use crate::local::{LocalOptions, WorkerMix};
-use crate::shared::{cluster_dispatcher, parse_wire, scratch};
+use crate::shared::{self, cluster_dispatcher, parse_wire, scratch};
 use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
@@ -39,7 +39,7 @@ pub(crate) struct ForwardArgs {
     pub(crate) workers: Option<usize>,
     /// Send the layer to a running cluster through these workers' MoeLayer service
     /// (HOST:PORT, comma-separated); on UNAVAILABLE or a broken connection the next is tried.
-    #[arg(long, env = env::ENTRY, value_delimiter = ',')]
+    #[arg(long, env = env::ENTRY, value_delimiter = ',', value_parser = shared::address)]
     pub(crate) entry: Vec<String>,
     /// With --entry: deadline of the whole call, retries included (sent as grpc-timeout).
     #[arg(long, default_value_t = 30_000, value_parser = crate::shared::millis(1))]

@@ -10,6 +10,7 @@ use expertmesh_core::balance::{
 use serde::{Deserialize, Serialize};
 
 use crate::env;
+use crate::shared;
 use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
@@ -366,7 +367,7 @@ fn human_bytes(b: u64) -> String {
 #[derive(Debug, Args)]
 pub(crate) struct ShowArgs {
     /// Coordinator address; several, comma-separated: the first that answers.
-    #[arg(long, env = env::COORDINATOR)]
+    #[arg(long, env = env::COORDINATOR, value_parser = shared::addresses)]
     coordinator: String,
     /// Print JSON.
     #[arg(long)]

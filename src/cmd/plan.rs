@@ -15,6 +15,8 @@ use expertmesh_planner::{
 };
 use expertmesh_proto::v1::ClusterStatusRequest;
 
+use crate::shared;
+
 #[derive(Debug, Args)]
 pub(crate) struct PlanArgs {
     /// Model: a preset (deepseek-v4-pro, deepseek-v4-flash, deepseek-v3, mixtral-8x7b,
@@ -44,7 +46,7 @@ pub(crate) struct PlanArgs {
     #[arg(long)]
     devices_per_node: Option<usize>,
     /// Plan on a live cluster: its workers, model and measured expert loads (coordinator host:port).
-    #[arg(long)]
+    #[arg(long, value_parser = shared::addresses)]
     from_cluster: Option<String>,
     /// With --from-cluster: a cluster certificate, when the cluster runs mutual TLS.
     #[command(flatten)]

@@ -8,12 +8,13 @@ use expertmesh_cluster::control::connect_coordinator;
 use expertmesh_proto::v1::ClusterStatusRequest;
 
 use crate::env;
+use crate::shared;
 use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
     /// Coordinator address; several, comma-separated: the first that answers.
-    #[arg(long, env = env::COORDINATOR)]
+    #[arg(long, env = env::COORDINATOR, value_parser = shared::addresses)]
     pub(crate) coordinator: String,
     /// Print JSON instead of text.
     #[arg(long)]

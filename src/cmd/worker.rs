@@ -13,13 +13,13 @@ use expertmesh_worker::node::{run_worker, StopSignals, WorkerConfig};
 use expertmesh_worker::service::AdmissionConfig;
 
 use crate::env;
-use crate::shared::{count, millis};
+use crate::shared::{self, count, millis};
 use crate::tls::ServerArgs;
 
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
     /// Coordinator address (host:port). Not needed with `--store etcd://...`.
-    #[arg(long, env = env::COORDINATOR, required_unless_present = "store")]
+    #[arg(long, env = env::COORDINATOR, required_unless_present = "store", value_parser = shared::addresses)]
     pub(crate) coordinator: Option<String>,
     /// Register in etcd directly (`etcd://HOST:PORT[,HOST:PORT...]`) instead of through a
     /// coordinator: the worker keeps serving and following placement while coordinators are down.
@@ -39,7 +39,7 @@ pub(crate) struct WorkerArgs {
     #[arg(long, default_value = "127.0.0.1:0", env = env::LISTEN)]
     pub(crate) listen: SocketAddr,
     /// Address other processes reach this worker at (default: the bound address).
-    #[arg(long, env = env::ADVERTISE)]
+    #[arg(long, env = env::ADVERTISE, value_parser = shared::address)]
     pub(crate) advertise: Option<String>,
     /// Worker id (default: worker-<pid>).
     #[arg(long, env = env::WORKER_ID)]
