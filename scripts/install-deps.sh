@@ -6,6 +6,7 @@
 #   etcd   (etcd-server):       the real metadata store the etcd tests start on loopback
 #   ip     (iproute2):          network namespaces and veth links for the partition test
 #   promtool (prometheus):      checks the metrics endpoints' text in the metrics test
+#   g++    (g++):               builds the host emulator the CUDA kernels' tests run them on
 set -euo pipefail
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
@@ -13,6 +14,7 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+command -v g++ >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

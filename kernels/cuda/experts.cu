@@ -13,8 +13,9 @@
 //
 // Two families:
 //   *_mma:  bf16 activations on bf16 or FP8 weights. Tensor cores (mma.sync m16n8k16, bf16 in,
-//           f32 accumulate); FP8 weights are widened to bf16 while staged in shared memory,
-//           their 128x128 (or any) block scale applied there. h is bf16.
+//           f32 accumulate); FP8 weights are widened to bf16 (exactly) while staged in shared
+//           memory, and their 128x128 block scale multiplies each stage's f32 sums (block
+//           shapes that do not tile the stages are scaled while staged instead). h is bf16.
 //   *_simt: every other combination (f32 activations, f32 or f16 weights): f32 math on CUDA
 //           cores; h is f32.
 
@@ -53,11 +54,17 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
+#ifdef EXPERTMESH_EMU
+// kernels/cuda/emu/emu.cpp (the host emulator the CPU tests run these kernels on) defines the
+// two functions that are PTX here.
+float f16_to_f32(u16 x);
+#else
 __device__ __forceinline__ float f16_to_f32(u16 x) {
     float f;
     asm("{ .reg .f16 h; mov.b16 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "h"(x));
     return f;
 }
+#endif
 
 // e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities; 0x7f/0xff are NaN
 // (refused at load). Every value is exact in bf16 and f32.
@@ -109,6 +116,9 @@ __device__ __forceinline__ float silu_mul(float g, float u, float limit) {
 #define BK 32
 #define SK (BK + 8)  // padded row of a shared tile, in bf16: conflict-free fragment loads
 
+#ifdef EXPERTMESH_EMU
+void mma_bf16(float* c, const u32* a, u32 b0, u32 b1);
+#else
 __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -116,6 +126,7 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+#endif
 
 // Stage rows r0..r1 (at most BM) x columns k0..k0+BK of bf16 activations [*, K] into s.
 __device__ __forceinline__ void stage_act(u16 (*s)[SK], const u16* x, int r0, int r1, int k0, int K) {
@@ -135,8 +146,17 @@ __device__ __forceinline__ void stage_act(u16 (*s)[SK], const u16* x, int r0, in
     }
 }
 
+// FP8 weights whose block scale is constant over each BN x BK stage (block rows a multiple of
+// BN, block columns of BK: DeepSeek's 128 x 128 blocks) are staged exactly (every e4m3 value is
+// a bf16 value) and their scale is applied to the f32 partial sums of each stage. Other block
+// shapes are scaled while staged, which rounds each weight once more to bf16.
+__device__ __forceinline__ bool exact_fp8(const Mat& w) {
+    return w.dtype == DT_FP8 && w.sbr % BN == 0 && w.sbc % BK == 0;
+}
+
 // Stage weight rows n0..n0+BN (of N) x columns k0..k0+BK (of K) as bf16 into s. bf16 weights
-// are copied; FP8 weights are widened and scaled (rounded once to bf16).
+// are copied; FP8 weights are widened, and scaled unless `exact` (see exact_fp8).
+template <bool EXACT>
 __device__ __forceinline__ void stage_weight(u16 (*s)[SK], const Mat& w, int n0, int N, int k0, int K) {
     const int tid = threadIdx.x;
     if (w.dtype == DT_BF16 && (K & 7) == 0) {
@@ -154,7 +174,7 @@ __device__ __forceinline__ void stage_weight(u16 (*s)[SK], const Mat& w, int n0,
             u16 o[8] = {0, 0, 0, 0, 0, 0, 0, 0};
             if (n0 + n < N && k0 + kv < K) {
                 uint2 q = *(const uint2*)(d + (size_t)(n0 + n) * K + k0 + kv);
-                float sc = scale_at(w, n0 + n, k0 + kv, K);
+                float sc = EXACT ? 1.0f : scale_at(w, n0 + n, k0 + kv, K);
                 u32 lo = q.x, hi = q.y;
                 #pragma unroll
                 for (int j = 0; j < 4; j++) {
@@ -168,16 +188,21 @@ __device__ __forceinline__ void stage_weight(u16 (*s)[SK], const Mat& w, int n0,
     } else {
         for (int v = tid; v < BN * BK; v += blockDim.x) {
             int n = v / BK, k = v % BK;
-            s[n][k] = (n0 + n < N && k0 + k < K) ? f32_to_bf16(weight_at(w, n0 + n, k0 + k, K)) : (u16)0;
+            float f = 0.0f;
+            if (n0 + n < N && k0 + k < K)
+                f = EXACT ? fp8_to_f32(((const unsigned char*)w.data)[(size_t)(n0 + n) * K + k0 + k])
+                          : weight_at(w, n0 + n, k0 + k, K);
+            s[n][k] = f32_to_bf16(f);
         }
     }
 }
 
 // One BM x BN output tile of x W^T (and of x W3^T when gated) for 4 warps in a 2 x 2 grid, each
-// warp 32 x 32 (2 x 4 mma tiles). acc[i][j][4]: mma tile (i, j) of the warp.
-template <bool GATED>
-__device__ __forceinline__ void mma_tile(const u16* x, int r0, int r1, const Mat& wa, const Mat& wb, int n0, int N,
-                                         int K, float (*acc_a)[4][4], float (*acc_b)[4][4]) {
+// warp 32 x 32 (2 x 4 mma tiles). acc[i][j][4]: mma tile (i, j) of the warp. EXACT: the weights
+// are FP8 staged unscaled (exact_fp8), each stage's sums scaled into acc.
+template <bool GATED, bool EXACT>
+__device__ __forceinline__ void mma_tile_as(const u16* x, int r0, int r1, const Mat& wa, const Mat& wb, int n0, int N,
+                                            int K, float (*acc_a)[4][4], float (*acc_b)[4][4]) {
     __shared__ __align__(16) u16 xs[BM][SK];
     __shared__ __align__(16) u16 as[BN][SK];
     __shared__ __align__(16) u16 bs[GATED ? BN : 1][SK];
@@ -193,11 +218,26 @@ __device__ __forceinline__ void mma_tile(const u16* x, int r0, int r1, const Mat
                 acc_a[i][j][c] = 0.0f;
                 if (GATED) acc_b[i][j][c] = 0.0f;
             }
+    // EXACT: this stage's sums, before its block scale.
+    float part_a[2][4][4], part_b[2][4][4];
+    float (*pa)[4][4] = EXACT ? part_a : acc_a;
+    float (*pb)[4][4] = EXACT ? part_b : acc_b;
     for (int k0 = 0; k0 < K; k0 += BK) {
         stage_act(xs, x, r0, r1, k0, K);
-        stage_weight(as, wa, n0, N, k0, K);
-        if (GATED) stage_weight(bs, wb, n0, N, k0, K);
+        stage_weight<EXACT>(as, wa, n0, N, k0, K);
+        if (GATED) stage_weight<EXACT>(bs, wb, n0, N, k0, K);
         __syncthreads();
+        if (EXACT) {
+            #pragma unroll
+            for (int i = 0; i < 2; i++)
+                #pragma unroll
+                for (int j = 0; j < 4; j++)
+                    #pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        pa[i][j][c] = 0.0f;
+                        if (GATED) pb[i][j][c] = 0.0f;
+                    }
+        }
         #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             u32 a[2][4];
@@ -215,17 +255,39 @@ __device__ __forceinline__ void mma_tile(const u16* x, int r0, int r1, const Mat
                 u32 b0 = *(const u32*)&as[n][kk + 2 * t];
                 u32 b1 = *(const u32*)&as[n][kk + 2 * t + 8];
                 #pragma unroll
-                for (int i = 0; i < 2; i++) mma_bf16(acc_a[i][j], a[i], b0, b1);
+                for (int i = 0; i < 2; i++) mma_bf16(pa[i][j], a[i], b0, b1);
                 if (GATED) {
                     u32 c0 = *(const u32*)&bs[n][kk + 2 * t];
                     u32 c1 = *(const u32*)&bs[n][kk + 2 * t + 8];
                     #pragma unroll
-                    for (int i = 0; i < 2; i++) mma_bf16(acc_b[i][j], a[i], c0, c1);
+                    for (int i = 0; i < 2; i++) mma_bf16(pb[i][j], a[i], c0, c1);
                 }
             }
         }
+        if (EXACT) {
+            // One block scale covers the whole stage (exact_fp8).
+            const float sa = scale_at(wa, n0, k0, K), sb = GATED ? scale_at(wb, n0, k0, K) : 0.0f;
+            #pragma unroll
+            for (int i = 0; i < 2; i++)
+                #pragma unroll
+                for (int j = 0; j < 4; j++)
+                    #pragma unroll
+                    for (int c = 0; c < 4; c++) {
+                        acc_a[i][j][c] = fmaf(sa, pa[i][j][c], acc_a[i][j][c]);
+                        if (GATED) acc_b[i][j][c] = fmaf(sb, pb[i][j][c], acc_b[i][j][c]);
+                    }
+        }
         __syncthreads();
     }
+}
+
+template <bool GATED>
+__device__ __forceinline__ void mma_tile(const u16* x, int r0, int r1, const Mat& wa, const Mat& wb, int n0, int N,
+                                         int K, float (*acc_a)[4][4], float (*acc_b)[4][4]) {
+    if (exact_fp8(wa) && (!GATED || exact_fp8(wb)))
+        mma_tile_as<GATED, true>(x, r0, r1, wa, wb, n0, N, K, acc_a, acc_b);
+    else
+        mma_tile_as<GATED, false>(x, r0, r1, wa, wb, n0, N, K, acc_a, acc_b);
 }
 
 // Row and column of accumulator element c of mma tile (i, j) in the block's output tile.

@@ -22,7 +22,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 use expertmesh_core::dtype::DType;
 
-use crate::cuda_plan::{tile_table, Permutation, TILE_COLS};
+use crate::cuda_plan::{dtype_code, ffn_launch, mat_descriptor, tile_table, Permutation};
 use crate::{
     check_activation_dtype, ExpertBackend, HostRows, KernelError, LayerExperts, LayerWeights, Result, Rows,
     StoredMatrix,
@@ -409,15 +409,6 @@ impl CudaBackend {
     }
 }
 
-fn dtype_code(d: DType) -> i32 {
-    match d {
-        DType::F32 => 0,
-        DType::BF16 => 1,
-        DType::F16 => 2,
-        _ => 3,
-    }
-}
-
 /// Activations in device memory.
 #[derive(Debug)]
 pub struct CudaRows {
@@ -495,11 +486,8 @@ impl DevMatrix {
     /// The kernels' `Mat`: data and scale pointers, then dtype, block rows, block columns, 0.
     fn descriptor(&self, s: &CudaStream) -> [u64; 4] {
         let (d, _g) = self.data.device_ptr(s);
-        let (sp, (br, bc)) = match &self.scales {
-            Some((sc, b)) => (sc.device_ptr(s).0, *b),
-            None => (0, (1, 1)),
-        };
-        [d, sp, dtype_code(self.dtype) as u32 as u64 | ((br as u32 as u64) << 32), bc as u32 as u64]
+        let scales = self.scales.as_ref().map(|(sc, b)| (sc.device_ptr(s).0, *b));
+        mat_descriptor(d, scales, self.dtype)
     }
 }
 
@@ -627,20 +615,20 @@ impl LayerExperts for CudaLayer {
         let (hi, fi) = (h as i32, f as i32);
         let limit = self.limit.unwrap_or(0.0);
         let od = dtype_code(out.dtype);
-        let grid = |n: usize| (n.div_ceil(TILE_COLS) as u32, ntiles as u32, 1);
+        let plan = ffn_launch(x.dtype, self.tensor_cores, h, f, ntiles);
         let k = &self.be.k;
-        if x.dtype == DType::BF16 && self.tensor_cores {
+        if plan.tensor_cores {
             let mut hbuf = s.alloc_zeros::<u16>(x.rows * f).map_err(drv("allocating the intermediate rows"))?;
             let mut b = s.launch_builder(&k.gateup_mma);
             b.arg(&tiles_d).arg(&self.table).arg(&x.buf).arg(&hi).arg(&fi).arg(&limit).arg(&mut hbuf);
-            let cfg = LaunchConfig { grid_dim: grid(f), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: plan.gateup_grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: every tile names a slot of `table` (built with it) and rows within
             // x.rows (groups checked against x); gateup_mma reads x [rows, h] and writes
             // hbuf [rows, f], allocated for exactly that.
             unsafe { b.launch(cfg) }.map_err(drv("launching gateup_mma"))?;
             let mut b = s.launch_builder(&k.down_mma);
             b.arg(&tiles_d).arg(&self.table).arg(&hbuf).arg(&hi).arg(&fi).arg(&mut out.buf).arg(&od);
-            let cfg = LaunchConfig { grid_dim: grid(h), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: plan.down_grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as above; down_mma writes out [rows, h] in out's dtype (checked shape).
             unsafe { b.launch(cfg) }.map_err(drv("launching down_mma"))?;
         } else {
@@ -648,12 +636,12 @@ impl LayerExperts for CudaLayer {
             let mut hbuf = s.alloc_zeros::<f32>(x.rows * f).map_err(drv("allocating the intermediate rows"))?;
             let mut b = s.launch_builder(&k.gateup_simt);
             b.arg(&tiles_d).arg(&self.table).arg(&x.buf).arg(&xd).arg(&hi).arg(&fi).arg(&limit).arg(&mut hbuf);
-            let cfg = LaunchConfig { grid_dim: grid(f), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: plan.gateup_grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as for the tensor-core path, with f32 intermediate rows.
             unsafe { b.launch(cfg) }.map_err(drv("launching gateup_simt"))?;
             let mut b = s.launch_builder(&k.down_simt);
             b.arg(&tiles_d).arg(&self.table).arg(&hbuf).arg(&hi).arg(&fi).arg(&mut out.buf).arg(&od);
-            let cfg = LaunchConfig { grid_dim: grid(h), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: plan.down_grid, block_dim: (plan.block, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: as above.
             unsafe { b.launch(cfg) }.map_err(drv("launching down_simt"))?;
         }
@@ -700,17 +688,7 @@ impl ExpertBackend for CudaBackend {
     }
 
     fn resident_bytes(&self, hidden: usize, ffn: usize, dtype: DType, block: Option<(usize, usize)>) -> u64 {
-        let m = |r: usize, c: usize| {
-            let scales = match (dtype, block) {
-                (DType::F8E4M3, b) => {
-                    let (br, bc) = b.unwrap_or((128, 128));
-                    r.div_ceil(br.max(1)) * c.div_ceil(bc.max(1)) * 4
-                }
-                _ => 0,
-            };
-            (r * c * dtype.size() + scales) as u64
-        };
-        2 * m(ffn, hidden) + m(hidden, ffn)
+        crate::cuda_plan::device_expert_bytes(hidden, ffn, dtype, block)
     }
 
     fn upload(&self, rows: HostRows) -> Result<Box<dyn Rows>> {

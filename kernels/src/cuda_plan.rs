@@ -2,6 +2,8 @@
 //! is tested on every machine: the tile table of a grouped FFN launch, and the permutation that
 //! takes a batch's rows into expert order and back (dispatch and combine on the device).
 
+use expertmesh_core::dtype::DType;
+
 use crate::{Groups, KernelError, Result};
 
 /// Rows of one tile of the grouped FFN kernels (`BM` in `kernels/cuda/experts.cu`).
@@ -29,6 +31,85 @@ pub fn tile_table(groups: &Groups, slot_of: impl Fn(u32) -> Option<u32>, layer: 
         }
     }
     Ok(t)
+}
+
+/// The kernels' dtype codes (`DT_*` in `kernels/cuda/experts.cu`).
+pub fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        _ => 3,
+    }
+}
+
+/// The kernels' `Mat` for a weight matrix at device address `data` in `dtype`, with FP8 block
+/// scales at `scales` (address, (block rows, block columns)): data and scale addresses, then
+/// dtype, block rows, block columns and a zero, as four u64.
+pub fn mat_descriptor(data: u64, scales: Option<(u64, (usize, usize))>, dtype: DType) -> [u64; 4] {
+    let (sp, (br, bc)) = scales.unwrap_or((0, (1, 1)));
+    [data, sp, dtype_code(dtype) as u32 as u64 | ((br as u32 as u64) << 32), bc as u32 as u64]
+}
+
+/// Device bytes of one expert of `hidden` x `ffn` stored in `dtype` (FP8: with its f32 block
+/// scales, 128x128 blocks unless `block` says otherwise): the checkpoint's bytes, as uploaded.
+pub fn device_expert_bytes(hidden: usize, ffn: usize, dtype: DType, block: Option<(usize, usize)>) -> u64 {
+    let m = |r: usize, c: usize| {
+        let scales = match (dtype, block) {
+            (DType::F8E4M3, b) => {
+                let (br, bc) = b.unwrap_or((128, 128));
+                r.div_ceil(br.max(1)) * c.div_ceil(bc.max(1)) * 4
+            }
+            _ => 0,
+        };
+        (r * c * dtype.size() + scales) as u64
+    };
+    2 * m(ffn, hidden) + m(hidden, ffn)
+}
+
+/// The two launches of a grouped expert FFN: which kernel family, grid and block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FfnLaunch {
+    /// `gateup_mma`/`down_mma` (tensor cores, bf16 intermediate) or `gateup_simt`/`down_simt`
+    /// (f32 intermediate).
+    pub tensor_cores: bool,
+    pub gateup_grid: (u32, u32, u32),
+    pub down_grid: (u32, u32, u32),
+    pub block: u32,
+}
+
+impl FfnLaunch {
+    /// Kernel names, gate/up then down.
+    pub fn kernels(&self) -> (&'static str, &'static str) {
+        if self.tensor_cores {
+            ("gateup_mma", "down_mma")
+        } else {
+            ("gateup_simt", "down_simt")
+        }
+    }
+
+    /// The intermediate rows' dtype (bf16 on tensor cores, else f32).
+    pub fn h_dtype(&self) -> DType {
+        if self.tensor_cores {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+}
+
+/// The launches for `ntiles` tiles of a layer of `hidden` x `ffn` experts on activations of
+/// `x_dtype`; `bf16_weights`: every resident weight is bf16 or FP8 (tensor cores apply to bf16
+/// activations then).
+pub fn ffn_launch(x_dtype: DType, bf16_weights: bool, hidden: usize, ffn: usize, ntiles: usize) -> FfnLaunch {
+    let tensor_cores = x_dtype == DType::BF16 && bf16_weights;
+    let grid = |n: usize| (n.div_ceil(TILE_COLS) as u32, ntiles as u32, 1);
+    FfnLaunch {
+        tensor_cores,
+        gateup_grid: grid(ffn),
+        down_grid: grid(hidden),
+        block: if tensor_cores { 128 } else { 256 },
+    }
 }
 
 /// How the rows of a batch of `tokens` tokens, each routed to `k` experts, are laid out by

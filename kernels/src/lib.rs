@@ -23,6 +23,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_plan;
+#[cfg(test)]
+mod emu;
 pub mod fabric;
 #[cfg(feature = "nccl")]
 pub mod nccl;
