@@ -27,11 +27,12 @@ lint:
 
 ## GPU code without a GPU: everything builds and lints with --features cuda,nccl (cudarc opens
 ## CUDA at run time), and every CUDA kernel compiles for sm_80 and sm_90 with NVRTC 13.0 from PyPI.
-## (The kernels also run, on the host emulator, in the workspace tests: kernels/src/emu.rs.)
+## The CUDA backend and its kernels also run here, on a fake CUDA driver over a host emulator of
+## the kernels (kernels/tests/cuda_on_emulator.rs).
 cuda-check: deps
 	$(CARGO) clippy --workspace --all-targets --features expertmesh/cuda,expertmesh/nccl -- -D warnings
 	lib=$$(./scripts/install-nvrtc.sh $(NVRTC_DIR)) && \
-	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl -- --skip emu::
+	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl
 
 ## Every Kubernetes overlay renders (pinned kustomize; `kubectl kustomize` too where installed)
 ## and validates strictly against a pinned Kubernetes release and the CRDs, and passes the rules

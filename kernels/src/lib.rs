@@ -23,8 +23,6 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod cuda_plan;
-#[cfg(test)]
-mod emu;
 pub mod fabric;
 #[cfg(feature = "nccl")]
 pub mod nccl;

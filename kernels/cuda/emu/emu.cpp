@@ -1,7 +1,7 @@
 // A host emulator for kernels/cuda/experts.cu, so that CI (no GPU) runs the CUDA kernels
-// themselves, not only compiles them: the backend conformance suite drives them through
-// `kernels/src/emu.rs` with the same tile tables, expert descriptors and launch shapes the
-// CUDA backend uses.
+// themselves, not only compiles them. fake_driver.cpp puts it behind the CUDA driver API, and
+// kernels/tests/cuda_on_emulator.rs runs the CUDA backend (cudarc, the NVRTC-compiled module)
+// on it: the backend conformance suite and permute/combine.
 //
 // Each block runs as blockDim.x OS threads (blocks one after another, so `__shared__` arrays
 // are plain statics); `__syncthreads()` is a barrier of the block's threads. The two PTX
@@ -14,15 +14,13 @@
 //     groupID; C/D c_i at row groupID (+8 for i >= 2), column 2 threadID_in_group + (i & 1)),
 //     the barrier's completion step multiplies the 16x16 by 16x8 tile in f32, and each lane
 //     takes its four results back.
-//
-// Built by the tests with: g++ -std=c++20 -O1 -shared -fPIC -fno-strict-aliasing
-//   -DEXPERTMESH_EMU kernels/cuda/emu/emu.cpp -o libexpertmesh_cuda_emu.so -lpthread
 
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -162,8 +160,11 @@ static void run(void (*k)(A...), unsigned gx, unsigned gy, unsigned bx, void** a
     block_barrier = nullptr;
 }
 
-// Launch kernel `name` of experts.cu; 0 on success, -1 for an unknown name.
+// Launch kernel `name` of experts.cu; 0 on success, -1 for an unknown name. Launches run one at
+// a time (the emulator's launch state is global), each to completion.
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args) {
+    static std::mutex one_at_a_time;
+    std::lock_guard<std::mutex> lock(one_at_a_time);
     std::string n(name);
     if (n == "gateup_mma") run(gateup_mma, gx, gy, bx, args);
     else if (n == "down_mma") run(down_mma, gx, gy, bx, args);
