@@ -46,6 +46,10 @@ fn placement_follows_measured_and_declared_throughput() {
 
     let fast = &worker(&s, "fast")["devices"][0];
     assert_eq!((fast["tflops"].as_f64(), fast["tflops_measured"].as_bool()), (Some(4.0), Some(false)), "{fast}");
+    assert!(fast["memory_offered_bytes"].as_u64() > Some(0), "{fast}");
+    // A declared throughput skips the probe (seconds of a GPU worker's or a slow CPU's start).
+    let log = std::fs::read_to_string(&cluster.workers[1].log).unwrap();
+    assert!(log.contains("no probe") && !log.contains("device measured"), "--tflops still probed:\n{log}");
 
     // Declared 4 against 1: the fast worker holds four times the slow one's experts (give or
     // take rounding on each of the model's layers).

@@ -253,34 +253,47 @@ fn my_experts(plan: &PlacementPlan, worker_id: &str) -> HashSet<(u32, u32)> {
 }
 
 /// The device as the worker reports it: throughput from the probe on its backend (unless
-/// `tflops` overrides it), memory from the device (unless `memory` overrides it).
+/// `tflops` overrides it: then no probe runs), memory from the device (unless `memory`
+/// overrides it).
 async fn measure_device(
     backend: &Arc<dyn expertmesh_kernels::ExpertBackend>,
     memory: Option<u64>,
     tflops: Option<f64>,
 ) -> Result<DeviceInfo> {
-    let b = backend.clone();
-    let probe = on_pool(move || expertmesh_kernels::probe(&*b))
-        .await?
-        .map_err(|e| WorkerError::Internal(format!("the throughput probe on {} failed: {e}", backend.name())))?;
     let (kind, index) = backend.device();
-    tracing::info!(
-        backend = %backend.name(),
-        probe_tflops = format!("{:.3}", probe.tflops),
-        probe_rows_per_expert = probe.rows_per_expert,
-        probe_ms = format!("{:.2}", probe.seconds * 1e3),
-        memory_free = probe.memory_free,
-        memory_total = probe.memory_total,
-        "device measured (bf16 expert FFN, 8 experts of 1024 x 512)"
-    );
+    let (value, measured, memory_free, memory_total) = match tflops {
+        Some(t) => {
+            let (free, total) = backend
+                .memory()
+                .map_err(|e| WorkerError::Internal(format!("reading the memory of {}: {e}", backend.name())))?;
+            tracing::info!(backend = %backend.name(), tflops = t, memory_free = free, memory_total = total, "device throughput set by --tflops (no probe)");
+            (t, false, free, total)
+        }
+        None => {
+            let b = backend.clone();
+            let probe = on_pool(move || expertmesh_kernels::probe(&*b)).await?.map_err(|e| {
+                WorkerError::Internal(format!("the throughput probe on {} failed: {e}", backend.name()))
+            })?;
+            tracing::info!(
+                backend = %backend.name(),
+                probe_tflops = format!("{:.3}", probe.tflops),
+                probe_rows_per_expert = probe.rows_per_expert,
+                probe_ms = format!("{:.2}", probe.seconds * 1e3),
+                memory_free = probe.memory_free,
+                memory_total = probe.memory_total,
+                "device measured (bf16 expert FFN, 8 experts of 1024 x 512)"
+            );
+            (probe.tflops, true, probe.memory_free, probe.memory_total)
+        }
+    };
     Ok(DeviceInfo {
         kind: kind.into(),
         index,
-        memory_bytes: memory.unwrap_or(probe.memory_free),
-        tflops: tflops.unwrap_or(probe.tflops),
+        memory_bytes: memory.unwrap_or(memory_free),
+        tflops: value,
         name: backend.name(),
-        memory_total_bytes: probe.memory_total,
-        tflops_measured: tflops.is_none(),
+        memory_total_bytes: memory_total,
+        tflops_measured: measured,
         nccl: crate::links::capable(&**backend),
     })
 }
