@@ -28,11 +28,13 @@ lint:
 ## GPU code without a GPU: everything builds and lints with --features cuda,nccl (cudarc opens
 ## CUDA at run time), and every CUDA kernel compiles for sm_80 and sm_90 with NVRTC 13.0 from PyPI.
 ## The CUDA backend and its kernels also run here, on a fake CUDA driver over a host emulator of
-## the kernels (kernels/tests/cuda_on_emulator.rs).
+## the kernels: the conformance suite (kernels/tests/cuda_on_emulator.rs) and a GPU worker in a
+## local cluster (tests/gpu_worker_emulated.rs).
 cuda-check: deps
 	$(CARGO) clippy --workspace --all-targets --features expertmesh/cuda,expertmesh/nccl -- -D warnings
 	lib=$$(./scripts/install-nvrtc.sh $(NVRTC_DIR)) && \
-	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl
+	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh-kernels --features cuda,nccl && \
+	  LD_LIBRARY_PATH="$$PWD/$$lib:$${LD_LIBRARY_PATH:-}" $(CARGO) test -p expertmesh --features cuda,nccl --test gpu_worker_emulated
 
 ## Every Kubernetes overlay renders (pinned kustomize; `kubectl kustomize` too where installed)
 ## and validates strictly against a pinned Kubernetes release and the CRDs, and passes the rules

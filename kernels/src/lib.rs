@@ -24,6 +24,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod cuda_plan;
 pub mod fabric;
+#[cfg(feature = "cuda")]
+pub mod fake_driver;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 mod weights;

@@ -8,8 +8,6 @@
 //! tensor-core hardware, NCCL and speed (`scripts/gpu-check.sh` on a GPU machine).
 #![cfg(feature = "cuda")]
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -28,22 +26,8 @@ fn fake_driver() {
         if let Err(e) = nvrtc_available() {
             panic!("{e}\n`scripts/install-nvrtc.sh` installs NVRTC 13.0 from PyPI and prints the directory to put on LD_LIBRARY_PATH (`make test` does both)");
         }
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cuda/emu/fake_driver.cpp");
         let dir = std::env::temp_dir().join(format!("expertmesh-fake-cuda-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("libcuda.so");
-        let built = Command::new("g++")
-            .args(["-std=c++20", "-O1", "-shared", "-fPIC", "-fno-strict-aliasing", "-DEXPERTMESH_EMU"])
-            .arg("-Wl,-soname,libcuda.so")
-            .arg(&src)
-            .arg("-o")
-            .arg(&out)
-            .arg("-lpthread")
-            .output()
-            .unwrap_or_else(|e| {
-                panic!("running g++ to build the fake CUDA driver: {e}; install it with `apt-get install g++` (make deps does)")
-            });
-        assert!(built.status.success(), "g++ could not build {}:\n{}", src.display(), String::from_utf8_lossy(&built.stderr));
+        let out = expertmesh_kernels::fake_driver::build(&dir).unwrap_or_else(|e| panic!("{e}"));
         // SAFETY: our own library (built just now); RTLD_GLOBAL makes it the `libcuda.so` that
         // later dlopen calls by that name resolve to.
         let lib = unsafe {
