@@ -1,14 +1,18 @@
-//! A GPU worker in a local cluster without a GPU: `expertmesh worker --device cuda:0` runs the
+//! GPU workers in a local cluster without a GPU: `expertmesh worker --device cuda:0` runs the
 //! CUDA backend on the fake CUDA driver (`kernels/cuda/emu/fake_driver.cpp`, the kernels of
-//! `kernels/cuda/experts.cu` on a host emulator), beside a CPU worker. It registers as a CUDA
-//! device, holds its share of the experts, and the cluster's answers through either worker
-//! match the float64 reference, with the GPU worker's counters showing it computed its rows.
-//! Built with `--features cuda` (`make cuda-check` runs it, with NVRTC on LD_LIBRARY_PATH).
-#![cfg(feature = "cuda")]
+//! `kernels/cuda/experts.cu` on a host emulator) and forms NCCL groups over the fake NCCL
+//! (`kernels/cuda/emu/fake_nccl.cpp`, loopback TCP). Beside a CPU worker they register as CUDA
+//! devices, hold their share of the experts, join their node's group (of one, then of two), and
+//! the cluster's answers through every worker match the float64 reference; the GPU workers'
+//! counters and group metrics show they computed rows and moved them over the group's link.
+//! Built with `--features cuda,nccl` (`make cuda-check` runs it, with NVRTC on LD_LIBRARY_PATH).
+#![cfg(all(feature = "cuda", feature = "nccl"))]
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use common::cluster::{spawn_command, Cluster, BIN};
 use common::*;
@@ -18,65 +22,133 @@ use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32};
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gpu_worker_on_the_emulated_driver_serves_beside_a_cpu_worker() {
+/// Start GPU worker `id` on the fake libraries in `drv`, its metrics on `metrics_port`.
+fn add_gpu_worker(cluster: &mut Cluster, drv: &Path, id: &str, metrics_port: u16) {
+    let mut gpu = Command::new(BIN);
+    let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    gpu.env("LD_LIBRARY_PATH", format!("{}:{path}", drv.display()));
+    gpu.args(["worker", "--coordinator", &cluster.coordinator.addr, "--listen", "127.0.0.1:0", "--id", id]);
+    // Equal declared throughput: the emulator's measured one would give it no experts.
+    gpu.args(["--device", "cuda:0", "--tflops", "1", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    let log = cluster.logs.path().join(format!("{id}.log"));
+    cluster.workers.push(spawn_command(gpu, "EXPERTMESH_WORKER_READY", &log));
+}
+
+/// `name{labels} value` summed over the series of `name`.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every MoE layer at 1, 7 and 40 tokens through every worker, bf16 and f32 on the wire,
+/// against the float64 reference.
+async fn check_answers(cluster: &Cluster, dir: &Path, spec: &expertmesh_core::ModelSpec, what: &str) {
+    for (i, layer) in spec.moe_layers().into_iter().enumerate() {
+        let tokens = [1, 7, 40][i % 3];
+        let (x, ids) = random_input(spec, tokens, 70 + i as u64);
+        let want = reference(dir, spec, layer, &x, tokens, Some(&ids));
+        for entry in 0..cluster.workers.len() {
+            for (wire, tol) in [(PDType::DtypeBf16, 1e-2), (PDType::DtypeF32, 1e-5)] {
+                let mut client = cluster.moe_client(entry).await;
+                let resp = client
+                    .forward(ForwardRequest {
+                        layer: layer as u32,
+                        hidden_states: Some(f32_tensor(&[tokens, spec.hidden], &x)),
+                        input_ids: Some(i64_tensor(&[tokens], &ids)),
+                        wire_dtype: wire as i32,
+                    })
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("{what}: layer {layer} via worker {entry}: {e}\n{}", cluster.dump_logs())
+                    })
+                    .into_inner();
+                let (out, _) = tensor_to_f32(resp.output.as_ref().unwrap(), "output").unwrap();
+                let err = rel_l2_f32(&out, &want.output);
+                assert!(err < tol, "{what}: layer {layer} via worker {entry} wire {wire:?}: rel L2 {err}");
+            }
+        }
+    }
+}
+
+async fn rows_computed(addr: &str) -> u64 {
+    let mut c = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
+    c.counters(CountersRequest {}).await.unwrap().into_inner().experts.iter().map(|e| e.tokens).sum()
+}
+
+fn fake_libraries() -> tempfile::TempDir {
     if let Err(e) = expertmesh_kernels::cuda::nvrtc_available() {
         panic!("{e}\n`scripts/install-nvrtc.sh` installs NVRTC 13.0 from PyPI and prints the directory to put on LD_LIBRARY_PATH (`make test` does both)");
     }
     let drv = tempfile::tempdir().unwrap();
     expertmesh_kernels::fake_driver::build(drv.path()).unwrap_or_else(|e| panic!("{e}"));
+    drv
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_worker_on_the_emulated_driver_serves_beside_a_cpu_worker() {
+    let drv = fake_libraries();
     // bf16 and FP8 checkpoints: tensor-core kernels, FP8 with 128x128 scales.
     for dtype in [DType::BF16, DType::F8E4M3] {
         let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
         let (dir, spec) = gen_model("tiny-v3", dtype, ov, 21);
         let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
-        // Equal declared throughput, so the GPU worker gets half the experts (the emulator's
-        // measured one would give it none).
         cluster.add_worker("c0", &["--tflops", "1"]);
-        let mut gpu = Command::new(BIN);
-        let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
-        gpu.env("LD_LIBRARY_PATH", format!("{}:{path}", drv.path().display()));
-        gpu.args(["worker", "--coordinator", &cluster.coordinator.addr, "--listen", "127.0.0.1:0", "--id", "g0"]);
-        gpu.args(["--device", "cuda:0", "--tflops", "1"]);
-        let log = cluster.logs.path().join("g0.log");
-        cluster.workers.push(spawn_command(gpu, "EXPERTMESH_WORKER_READY", &log));
-
-        let s = wait_status(&cluster.coordinator.addr, std::time::Duration::from_secs(60), "epoch 1", |s| {
+        let mp = free_port();
+        add_gpu_worker(&mut cluster, drv.path(), "g0", mp);
+        let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
             s["current_epoch"].as_u64() >= Some(1)
         });
         let g0 = s["workers"].as_array().unwrap().iter().find(|w| w["worker_id"] == "g0").unwrap();
         let dev = &g0["devices"][0];
         assert_eq!(dev["kind"], "cuda", "{g0}");
         assert!(dev["name"].as_str().unwrap().contains("ExpertMesh CUDA emulator"), "{g0}");
-        let held = g0["experts_held"].as_u64().unwrap();
-        assert!(held > 0, "the GPU worker holds no experts: {g0}");
+        assert!(g0["experts_held"].as_u64() > Some(0), "the GPU worker holds no experts: {g0}");
 
-        for (i, layer) in spec.moe_layers().into_iter().enumerate() {
-            let tokens = [1, 7, 40][i % 3];
-            let (x, ids) = random_input(&spec, tokens, 70 + i as u64);
-            let want = reference(dir.path(), &spec, layer, &x, tokens, Some(&ids));
-            for entry in 0..2 {
-                for (wire, tol) in [(PDType::DtypeBf16, 1e-2), (PDType::DtypeF32, 1e-5)] {
-                    let mut client = cluster.moe_client(entry).await;
-                    let resp = client
-                        .forward(ForwardRequest {
-                            layer: layer as u32,
-                            hidden_states: Some(f32_tensor(&[tokens, spec.hidden], &x)),
-                            input_ids: Some(i64_tensor(&[tokens], &ids)),
-                            wire_dtype: wire as i32,
-                        })
-                        .await
-                        .unwrap_or_else(|e| panic!("layer {layer} via worker {entry}: {e}\n{}", cluster.dump_logs()))
-                        .into_inner();
-                    let (out, _) = tensor_to_f32(resp.output.as_ref().unwrap(), "output").unwrap();
-                    let err = rel_l2_f32(&out, &want.output);
-                    assert!(err < tol, "{} layer {layer} via worker {entry} wire {wire:?}: rel L2 {err}", dtype.name());
-                }
+        check_answers(&cluster, dir.path(), &spec, dtype.name()).await;
+        assert!(rows_computed(&cluster.workers[1].addr).await > 0, "the GPU worker computed no rows");
+        // Alone on its node, it is a group of one: its dispatcher reaches its own experts
+        // through the link (NCCL at world size 1).
+        let log = std::fs::read_to_string(&cluster.workers[1].log).unwrap();
+        assert!(log.contains("NCCL group joined") && log.contains("size=1"), "no group of one:\n{log}");
+        let (_, m) = get(mp, "/metrics");
+        assert!(metric_sum(&m, "expertmesh_group_busy_rounds_total") > 0.0, "nothing moved over the link:\n{m}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gpu_workers_exchange_rows_over_their_nccl_group() {
+    let drv = fake_libraries();
+    let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, ov, 22);
+    let mut cluster = Cluster::coordinator_only(dir.path(), 3, &[]);
+    cluster.add_worker("c0", &["--tflops", "1"]);
+    let ports = [free_port(), free_port()];
+    add_gpu_worker(&mut cluster, drv.path(), "g0", ports[0]);
+    add_gpu_worker(&mut cluster, drv.path(), "g1", ports[1]);
+    wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
+        s["current_epoch"].as_u64() >= Some(1)
+    });
+    // Both members joined one group of two (the coordinator relayed rank 0's id).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for i in [1, 2] {
+        loop {
+            let log = std::fs::read_to_string(&cluster.workers[i].log).unwrap();
+            if log.contains("NCCL group joined") && log.contains("size=2") {
+                break;
             }
+            assert!(std::time::Instant::now() < deadline, "worker {i} joined no group of two:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let mut c = ExpertServiceClient::connect(format!("http://{}", cluster.workers[1].addr)).await.unwrap();
-        let computed: u64 =
-            c.counters(CountersRequest {}).await.unwrap().into_inner().experts.iter().map(|e| e.tokens).sum();
-        assert!(computed > 0, "the GPU worker computed no rows:\n{}", cluster.dump_logs());
+    }
+    check_answers(&cluster, dir.path(), &spec, "group of two").await;
+    for (i, port) in [(1, ports[0]), (2, ports[1])] {
+        assert!(rows_computed(&cluster.workers[i].addr).await > 0, "GPU worker {i} computed no rows");
+        let (_, m) = get(port, "/metrics");
+        assert!(
+            metric_sum(&m, "expertmesh_group_busy_rounds_total") > 0.0,
+            "worker {i}: nothing moved over the link:\n{m}"
+        );
     }
 }

@@ -32,6 +32,8 @@ pub mod names {
     pub const ERRORS_TOTAL: &str = "expertmesh_errors_total";
     pub const REFUSED_TOTAL: &str = "expertmesh_refused_calls_total";
     pub const CONNECTIONS_OPEN: &str = "expertmesh_connections_open";
+    pub const GROUP_ROUNDS_TOTAL: &str = "expertmesh_group_rounds_total";
+    pub const GROUP_BUSY_ROUNDS_TOTAL: &str = "expertmesh_group_busy_rounds_total";
     // Coordinator
     pub const LEADER: &str = "expertmesh_leader";
     pub const STORE_REACHABLE: &str = "expertmesh_store_reachable";

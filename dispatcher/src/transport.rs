@@ -229,6 +229,11 @@ impl RoutedTransport {
         }
     }
 
+    /// The groups in use, newest first.
+    pub fn groups(&self) -> Vec<Arc<crate::collective::CollectiveTransport>> {
+        self.groups.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
     /// The live group that reaches `address`, if any.
     pub fn group_for(&self, address: &str) -> Option<Arc<crate::collective::CollectiveTransport>> {
         self.groups.read().ok()?.iter().find(|g| g.serves(address)).cloned()

@@ -84,6 +84,11 @@ impl Links {
         }
     }
 
+    /// The group links in use (one, or two while an epoch replaces a group), newest first.
+    pub fn groups(&self) -> Vec<Arc<CollectiveTransport>> {
+        self.routed.groups()
+    }
+
     /// The transport this worker's dispatcher sends with.
     pub fn transport(&self) -> Arc<dyn expertmesh_dispatcher::ExpertTransport> {
         self.routed.clone()

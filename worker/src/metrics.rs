@@ -42,6 +42,8 @@ pub struct Sources {
     pub admission: Arc<Admission>,
     pub readiness: Arc<Readiness>,
     pub progress: Arc<crate::progress::Progress>,
+    /// The worker's NCCL group links (GPU workers of a build with `nccl`).
+    pub links: Option<Arc<crate::links::Links>>,
 }
 
 fn b(v: bool) -> f64 {
@@ -120,6 +122,27 @@ pub fn render(s: &Sources) -> String {
         &["layer", "expert"],
         series,
     );
+    if let Some(l) = &s.links {
+        let groups: Vec<(Vec<String>, (u64, u64))> = l
+            .groups()
+            .iter()
+            .map(|g| (vec![g.group().name.clone(), g.group().epoch.to_string()], g.rounds()))
+            .collect();
+        e.family(
+            names::GROUP_ROUNDS_TOTAL,
+            Kind::Counter,
+            "Rounds of the worker's NCCL group link (each an exchange among all members), per group and epoch",
+            &["group", "epoch"],
+            groups.iter().map(|(k, r)| (k.clone(), r.0 as f64)),
+        );
+        e.family(
+            names::GROUP_BUSY_ROUNDS_TOTAL,
+            Kind::Counter,
+            "Rounds of the worker's NCCL group link that moved rows, per group and epoch",
+            &["group", "epoch"],
+            groups.iter().map(|(k, r)| (k.clone(), r.1 as f64)),
+        );
+    }
     let d = s.dispatcher.dispatched();
     e.family(
         names::DISPATCHED_TOKENS_TOTAL,

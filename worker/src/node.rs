@@ -390,6 +390,7 @@ pub async fn run_worker(cfg: WorkerConfig, signals: StopSignals) -> Result<()> {
             admission: admission.clone(),
             readiness: readiness.clone(),
             progress: progress.clone(),
+            links: links.clone(),
         };
         let render: expertmesh_cluster::metrics_http::Render = Arc::new(move || crate::metrics::render(&sources));
         tokio::spawn(expertmesh_cluster::metrics_http::serve_metrics(l, render, http_health, health_stop.clone()));
