@@ -24,12 +24,17 @@ use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest};
 
 /// Start GPU worker `id` on the fake libraries in `drv`, its metrics on `metrics_port`.
 fn add_gpu_worker(cluster: &mut Cluster, drv: &Path, id: &str, metrics_port: u16) {
+    add_gpu_worker_with(cluster, drv, id, metrics_port, &[]);
+}
+
+fn add_gpu_worker_with(cluster: &mut Cluster, drv: &Path, id: &str, metrics_port: u16, extra: &[&str]) {
     let mut gpu = Command::new(BIN);
     let path = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
     gpu.env("LD_LIBRARY_PATH", format!("{}:{path}", drv.display()));
     gpu.args(["worker", "--coordinator", &cluster.coordinator.addr, "--listen", "127.0.0.1:0", "--id", id]);
     // Equal declared throughput: the emulator's measured one would give it no experts.
     gpu.args(["--device", "cuda:0", "--tflops", "1", "--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+    gpu.args(extra);
     let log = cluster.logs.path().join(format!("{id}.log"));
     cluster.workers.push(spawn_command(gpu, "EXPERTMESH_WORKER_READY", &log));
 }
@@ -69,6 +74,19 @@ async fn check_answers(cluster: &Cluster, dir: &Path, spec: &expertmesh_core::Mo
                 assert!(err < tol, "{what}: layer {layer} via worker {entry} wire {wire:?}: rel L2 {err}");
             }
         }
+    }
+}
+
+/// Wait until worker `i`'s log says it joined an NCCL group of `size`.
+fn joined(cluster: &Cluster, i: usize, size: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = std::fs::read_to_string(&cluster.workers[i].log).unwrap();
+        if log.contains("NCCL group joined") && log.contains(&format!("size={size}")) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker {i} joined no group of {size}:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -131,17 +149,8 @@ async fn two_gpu_workers_exchange_rows_over_their_nccl_group() {
         s["current_epoch"].as_u64() >= Some(1)
     });
     // Both members joined one group of two (the coordinator relayed rank 0's id).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    for i in [1, 2] {
-        loop {
-            let log = std::fs::read_to_string(&cluster.workers[i].log).unwrap();
-            if log.contains("NCCL group joined") && log.contains("size=2") {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "worker {i} joined no group of two:\n{log}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    joined(&cluster, 1, 2);
+    joined(&cluster, 2, 2);
     check_answers(&cluster, dir.path(), &spec, "group of two").await;
     for (i, port) in [(1, ports[0]), (2, ports[1])] {
         assert!(rows_computed(&cluster.workers[i].addr).await > 0, "GPU worker {i} computed no rows");
@@ -151,4 +160,41 @@ async fn two_gpu_workers_exchange_rows_over_their_nccl_group() {
             "worker {i}: nothing moved over the link:\n{m}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpu_worker_joining_re_forms_the_group_and_no_request_is_lost() {
+    let drv = fake_libraries();
+    let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
+    let (dir, spec) = gen_model("tiny-v3", DType::BF16, ov, 23);
+    let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
+    // The emulated kernels take about a second a chunk, and several seconds when three
+    // workers' chunks queue on two cores: silences far past the default 5 s are not faults here.
+    let slow = ["--rpc-timeout-ms", "60000"];
+    add_gpu_worker_with(&mut cluster, drv.path(), "g0", free_port(), &slow);
+    add_gpu_worker_with(&mut cluster, drv.path(), "g1", free_port(), &slow);
+    wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
+        s["current_epoch"].as_u64() >= Some(1)
+    });
+    joined(&cluster, 0, 2);
+    // Checked traffic through both members while a third GPU worker joins: the plan's group
+    // grows to three, the old communicator is left and a new one formed under load.
+    let cases = std::sync::Arc::new(traffic_cases(dir.path(), &spec, 9, 6));
+    let client = cluster.moe_failover(&[0, 1], Duration::from_secs(120));
+    let streams = Streams::start(client, cases, 2, spec.hidden, Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    add_gpu_worker_with(&mut cluster, drv.path(), "g2", free_port(), &slow);
+    for i in 0..3 {
+        joined(&cluster, i, 3);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rep = streams.finish().await;
+    println!("{}", rep.summary());
+    assert_eq!(rep.wrong, 0, "wrong answers: {:#?}", rep.failures);
+    assert_eq!(rep.hung, 0, "hung calls: {:#?}", rep.failures);
+    assert!(rep.failures.is_empty(), "failed calls across the switch: {:#?}\n{}", rep.failures, cluster.dump_logs());
+    assert!(rep.epochs.len() >= 2, "answers came from one epoch only: {:?}", rep.epochs);
+    // The group of three serves: every entry, every layer, against the reference.
+    check_answers(&cluster, dir.path(), &spec, "group of three").await;
+    assert!(rows_computed(&cluster.workers[2].addr).await > 0, "the new member computed no rows");
 }

@@ -3,8 +3,8 @@
 // kernels/tests/cuda_on_emulator.rs runs the CUDA backend (cudarc, the NVRTC-compiled module)
 // on it: the backend conformance suite and permute/combine.
 //
-// Each block runs as blockDim.x OS threads (blocks one after another, so `__shared__` arrays
-// are plain statics); `__syncthreads()` is a barrier of the block's threads. The two PTX
+// A block's threads are blockDim.x OS threads (blocks one after another, so `__shared__`
+// arrays are plain statics); `__syncthreads()` is a barrier of the block's threads. The two PTX
 // pieces are emulated from the PTX ISA's definitions, not from the kernels' use of them:
 //   - cvt.f32.f16: IEEE half to float;
 //   - mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32: the warp's 32 lanes hand in their
@@ -135,26 +135,30 @@ static void call(void (*k)(A...), void** args, std::index_sequence<I...>) {
 }
 
 // Run kernel `k` over grid (gx, gy) with bx threads a block; args as cuLaunchKernel takes them.
+// The bx threads run every block in turn, meeting at a barrier between blocks (a block's
+// `__shared__` statics are the next block's).
 template <typename... A>
 static void run(void (*k)(A...), unsigned gx, unsigned gy, unsigned bx, void** args) {
     gridDim = EmuDim3{gx, gy, 1};
     blockDim = EmuDim3{bx, 1, 1};
     std::barrier<> bar((std::ptrdiff_t)bx);
+    std::barrier<> between((std::ptrdiff_t)bx);
     block_barrier = &bar;
     warps.clear();
     for (unsigned w = 0; w < (bx + 31) / 32; w++) warps.push_back(new WarpSync());
-    for (unsigned y = 0; y < gy; y++)
-        for (unsigned x = 0; x < gx; x++) {
-            std::vector<std::thread> threads;
-            threads.reserve(bx);
-            for (unsigned t = 0; t < bx; t++)
-                threads.emplace_back([=] {
-                    threadIdx = EmuDim3{t, 0, 0};
+    std::vector<std::thread> threads;
+    threads.reserve(bx);
+    for (unsigned t = 0; t < bx; t++)
+        threads.emplace_back([=, &between] {
+            threadIdx = EmuDim3{t, 0, 0};
+            for (unsigned y = 0; y < gy; y++)
+                for (unsigned x = 0; x < gx; x++) {
                     blockIdx = EmuDim3{x, y, 0};
                     call(k, args, std::index_sequence_for<A...>{});
-                });
-            for (auto& th : threads) th.join();
-        }
+                    between.arrive_and_wait();
+                }
+        });
+    for (auto& th : threads) th.join();
     for (auto* w : warps) delete w;
     warps.clear();
     block_barrier = nullptr;
