@@ -11,9 +11,9 @@ use common::cluster::Cluster;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
-use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32, tensor_to_i64};
+use expertmesh_dispatcher::wire::{tensor_to_f32, tensor_to_i64};
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest};
+use expertmesh_proto::v1::{CountersRequest, DType as PDType};
 
 async fn run_case(preset: &str, dtype: DType, ov: PresetOverrides, workers: usize, tokens: usize) {
     let (dir, spec) = gen_model(preset, dtype, ov, 11);
@@ -25,12 +25,7 @@ async fn run_case(preset: &str, dtype: DType, ov: PresetOverrides, workers: usiz
         let r = reference(dir.path(), &spec, layer, &x, tokens, Some(&ids));
         for (wire, tol) in [(PDType::DtypeBf16, 1e-2), (PDType::DtypeF32, 1e-5)] {
             let resp = client
-                .forward(ForwardRequest {
-                    layer: layer as u32,
-                    hidden_states: Some(f32_tensor(&[tokens, spec.hidden], &x)),
-                    input_ids: Some(i64_tensor(&[tokens], &ids)),
-                    wire_dtype: wire as i32,
-                })
+                .forward(forward_request(&spec, layer, &x, &ids, wire))
                 .await
                 .unwrap_or_else(|e| panic!("{preset} layer {layer}: {e}\n{}", cluster.dump_logs()))
                 .into_inner();

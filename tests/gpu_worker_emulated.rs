@@ -18,9 +18,9 @@ use common::cluster::{spawn_command, Cluster, BIN};
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
-use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+use expertmesh_dispatcher::wire::tensor_to_f32;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
-use expertmesh_proto::v1::{CountersRequest, DType as PDType, ForwardRequest};
+use expertmesh_proto::v1::{CountersRequest, DType as PDType};
 
 /// Start GPU worker `id` on the fake libraries in `drv`, its metrics on `metrics_port`.
 fn add_gpu_worker(cluster: &mut Cluster, drv: &Path, id: &str, metrics_port: u16) {
@@ -56,12 +56,7 @@ async fn check_answers(cluster: &Cluster, dir: &Path, spec: &expertmesh_core::Mo
             for (wire, tol) in [(PDType::DtypeBf16, 1e-2), (PDType::DtypeF32, 1e-5)] {
                 let mut client = cluster.moe_client(entry).await;
                 let resp = client
-                    .forward(ForwardRequest {
-                        layer: layer as u32,
-                        hidden_states: Some(f32_tensor(&[tokens, spec.hidden], &x)),
-                        input_ids: Some(i64_tensor(&[tokens], &ids)),
-                        wire_dtype: wire as i32,
-                    })
+                    .forward(forward_request(spec, layer, &x, &ids, wire))
                     .await
                     .unwrap_or_else(|e| {
                         panic!("{what}: layer {layer} via worker {entry}: {e}\n{}", cluster.dump_logs())
@@ -88,6 +83,24 @@ fn joined(cluster: &Cluster, i: usize, size: usize) {
     }
 }
 
+/// The test layer: small enough for the emulator, 128 x 128 FP8 blocks still whole.
+fn test_model(dtype: DType, seed: u64) -> (tempfile::TempDir, expertmesh_core::ModelSpec) {
+    let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
+    gen_model("tiny-v3", dtype, ov, seed)
+}
+
+fn wait_epoch_1(cluster: &Cluster) {
+    wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
+        s["current_epoch"].as_u64() >= Some(1)
+    });
+}
+
+/// The worker whose metrics are on `port` moved rows over its NCCL group's link.
+fn assert_link_moved_rows(port: u16, what: &str) {
+    let (_, m) = get(port, "/metrics");
+    assert!(metric_sum(&m, "expertmesh_group_busy_rounds_total") > 0.0, "{what}: nothing moved over the link:\n{m}");
+}
+
 async fn rows_computed(addr: &str) -> u64 {
     let mut c = ExpertServiceClient::connect(format!("http://{addr}")).await.unwrap();
     c.counters(CountersRequest {}).await.unwrap().into_inner().experts.iter().map(|e| e.tokens).sum()
@@ -112,15 +125,13 @@ async fn a_gpu_worker_on_the_emulated_driver_serves_beside_a_cpu_worker() {
     let drv = fake_libraries();
     // bf16 and FP8 checkpoints: tensor-core kernels, FP8 with 128x128 scales.
     for dtype in [DType::BF16, DType::F8E4M3] {
-        let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
-        let (dir, spec) = gen_model("tiny-v3", dtype, ov, 21);
+        let (dir, spec) = test_model(dtype, 21);
         let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
         cluster.add_worker("c0", &["--tflops", "1"]);
         let mp = free_port();
         add_gpu_worker(&mut cluster, drv.path(), "g0", mp);
-        let s = wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
-            s["current_epoch"].as_u64() >= Some(1)
-        });
+        wait_epoch_1(&cluster);
+        let s = status_json(&cluster.coordinator.addr);
         let g0 = s["workers"].as_array().unwrap().iter().find(|w| w["worker_id"] == "g0").unwrap();
         let dev = &g0["devices"][0];
         assert_eq!(dev["kind"], "cuda", "{g0}");
@@ -133,8 +144,7 @@ async fn a_gpu_worker_on_the_emulated_driver_serves_beside_a_cpu_worker() {
         // through the link (NCCL at world size 1).
         let log = std::fs::read_to_string(&cluster.workers[1].log).unwrap();
         assert!(log.contains("NCCL group joined") && log.contains("size=1"), "no group of one:\n{log}");
-        let (_, m) = get(mp, "/metrics");
-        assert!(metric_sum(&m, "expertmesh_group_busy_rounds_total") > 0.0, "nothing moved over the link:\n{m}");
+        assert_link_moved_rows(mp, "the group of one");
     }
 }
 
@@ -142,27 +152,20 @@ async fn a_gpu_worker_on_the_emulated_driver_serves_beside_a_cpu_worker() {
 async fn two_gpu_workers_exchange_rows_over_their_nccl_group() {
     let _one = ONE_CLUSTER.lock().await;
     let drv = fake_libraries();
-    let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
-    let (dir, spec) = gen_model("tiny-v3", DType::BF16, ov, 22);
+    let (dir, spec) = test_model(DType::BF16, 22);
     let mut cluster = Cluster::coordinator_only(dir.path(), 3, &[]);
     cluster.add_worker("c0", &["--tflops", "1"]);
     let ports = [free_port(), free_port()];
     add_gpu_worker(&mut cluster, drv.path(), "g0", ports[0]);
     add_gpu_worker(&mut cluster, drv.path(), "g1", ports[1]);
-    wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
-        s["current_epoch"].as_u64() >= Some(1)
-    });
+    wait_epoch_1(&cluster);
     // Both members joined one group of two (the coordinator relayed rank 0's id).
     joined(&cluster, 1, 2);
     joined(&cluster, 2, 2);
     check_answers(&cluster, dir.path(), &spec, "group of two").await;
     for (i, port) in [(1, ports[0]), (2, ports[1])] {
         assert!(rows_computed(&cluster.workers[i].addr).await > 0, "GPU worker {i} computed no rows");
-        let (_, m) = get(port, "/metrics");
-        assert!(
-            metric_sum(&m, "expertmesh_group_busy_rounds_total") > 0.0,
-            "worker {i}: nothing moved over the link:\n{m}"
-        );
+        assert_link_moved_rows(port, &format!("worker {i}"));
     }
 }
 
@@ -170,14 +173,11 @@ async fn two_gpu_workers_exchange_rows_over_their_nccl_group() {
 async fn a_gpu_worker_joining_re_forms_the_group_and_no_request_is_lost() {
     let _one = ONE_CLUSTER.lock().await;
     let drv = fake_libraries();
-    let ov = PresetOverrides { hidden: Some(128), ffn: Some(96), experts: Some(16), ..Default::default() };
-    let (dir, spec) = gen_model("tiny-v3", DType::BF16, ov, 23);
+    let (dir, spec) = test_model(DType::BF16, 23);
     let mut cluster = Cluster::coordinator_only(dir.path(), 2, &[]);
     add_gpu_worker(&mut cluster, drv.path(), "g0", free_port());
     add_gpu_worker(&mut cluster, drv.path(), "g1", free_port());
-    wait_status(&cluster.coordinator.addr, Duration::from_secs(60), "epoch 1", |s| {
-        s["current_epoch"].as_u64() >= Some(1)
-    });
+    wait_epoch_1(&cluster);
     joined(&cluster, 0, 2);
     // Checked traffic through both members while a third GPU worker joins: the plan's group
     // grows to three, the old communicator is left and a new one formed under load.

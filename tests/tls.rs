@@ -14,13 +14,13 @@ use common::etcd::Etcd;
 use common::*;
 use expertmesh_core::config::PresetOverrides;
 use expertmesh_core::dtype::DType;
-use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor, tensor_to_f32};
+use expertmesh_dispatcher::wire::tensor_to_f32;
 use expertmesh_proto::v1::coordinator_client::CoordinatorClient;
 use expertmesh_proto::v1::expert_service_client::ExpertServiceClient;
 use expertmesh_proto::v1::moe_layer_client::MoeLayerClient;
 use expertmesh_proto::v1::{
-    ClusterStatusRequest, CountersRequest, DType as PDType, DeregisterRequest, DrainRequest, ForwardRequest,
-    HeartbeatRequest, RegisterRequest, WorkerInfo,
+    ClusterStatusRequest, CountersRequest, DType as PDType, DeregisterRequest, DrainRequest, HeartbeatRequest,
+    RegisterRequest, WorkerInfo,
 };
 use expertmesh_trust::certs::Authority;
 use expertmesh_trust::client::{connect, endpoint};
@@ -63,16 +63,6 @@ fn refused<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, says: &[
     assert_eq!(s.code(), code, "{s:?}");
     for w in says {
         assert!(s.message().contains(w), "`{}` does not say `{w}`", s.message());
-    }
-}
-
-fn forward_req(spec: &expertmesh_core::ModelSpec, layer: usize, x: &[f32], ids: &[i64]) -> ForwardRequest {
-    let t = ids.len();
-    ForwardRequest {
-        layer: layer as u32,
-        hidden_states: Some(f32_tensor(&[t, spec.hidden], x)),
-        input_ids: Some(i64_tensor(&[t], ids)),
-        wire_dtype: PDType::DtypeF32 as i32,
     }
 }
 
@@ -156,7 +146,10 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
     let want = reference(dir.path(), &spec, layer, &x, 24, Some(&ids));
     for w in &workers {
         let mut moe = MoeLayerClient::new(channel(&w.addr, &client, Expect::AnyWorker).await);
-        let r = moe.forward(forward_req(&spec, layer, &x, &ids)).await.unwrap_or_else(|e| panic!("{e}\n{}", dump()));
+        let r = moe
+            .forward(forward_request(&spec, layer, &x, &ids, PDType::DtypeF32))
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", dump()));
         let (out, _) = tensor_to_f32(r.get_ref().output.as_ref().unwrap(), "output").unwrap();
         let err = rel_l2_f32(&out, &want.output);
         assert!(err < 1e-5, "rel L2 {err} through {}", w.addr);
@@ -172,7 +165,7 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
     );
     let ch = plain(&workers[0].addr).connect().await.unwrap();
     refused(
-        MoeLayerClient::new(ch).forward(forward_req(&spec, layer, &x, &ids)).await,
+        MoeLayerClient::new(ch).forward(forward_request(&spec, layer, &x, &ids, PDType::DtypeF32)).await,
         Code::Unauthenticated,
         &["plaintext"],
     );
@@ -334,7 +327,10 @@ async fn a_mutual_tls_cluster_serves_its_identities_and_refuses_everyone_else() 
         dump()
     );
     let mut moe = MoeLayerClient::new(channel(&workers[0].addr, &client, Expect::AnyWorker).await);
-    let r = moe.forward(forward_req(&spec, layer, &x, &ids)).await.unwrap_or_else(|e| panic!("{e}\n{}", dump()));
+    let r = moe
+        .forward(forward_request(&spec, layer, &x, &ids, PDType::DtypeF32))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", dump()));
     let (out, _) = tensor_to_f32(r.get_ref().output.as_ref().unwrap(), "output").unwrap();
     assert!(rel_l2_f32(&out, &want.output) < 1e-5);
     let s = as_admin.cluster_status(ClusterStatusRequest {}).await.unwrap().into_inner();

@@ -197,6 +197,20 @@ __device__ __forceinline__ void stage_weight(u16 (*s)[SK], const Mat& w, int n0,
     }
 }
 
+// Zero a warp's accumulators (and the gated product's).
+template <bool GATED>
+__device__ __forceinline__ void zero_tiles(float (*a)[4][4], float (*b)[4][4]) {
+    #pragma unroll
+    for (int i = 0; i < 2; i++)
+        #pragma unroll
+        for (int j = 0; j < 4; j++)
+            #pragma unroll
+            for (int c = 0; c < 4; c++) {
+                a[i][j][c] = 0.0f;
+                if (GATED) b[i][j][c] = 0.0f;
+            }
+}
+
 // One BM x BN output tile of x W^T (and of x W3^T when gated) for 4 warps in a 2 x 2 grid, each
 // warp 32 x 32 (2 x 4 mma tiles). acc[i][j][4]: mma tile (i, j) of the warp. EXACT: the weights
 // are FP8 staged unscaled (exact_fp8), each stage's sums scaled into acc.
@@ -209,15 +223,7 @@ __device__ __forceinline__ void mma_tile_as(const u16* x, int r0, int r1, const 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
     const int g = lane / 4, t = lane % 4;
-    #pragma unroll
-    for (int i = 0; i < 2; i++)
-        #pragma unroll
-        for (int j = 0; j < 4; j++)
-            #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                acc_a[i][j][c] = 0.0f;
-                if (GATED) acc_b[i][j][c] = 0.0f;
-            }
+    zero_tiles<GATED>(acc_a, acc_b);
     // EXACT: this stage's sums, before its block scale.
     float part_a[2][4][4], part_b[2][4][4];
     float (*pa)[4][4] = EXACT ? part_a : acc_a;
@@ -227,17 +233,7 @@ __device__ __forceinline__ void mma_tile_as(const u16* x, int r0, int r1, const 
         stage_weight<EXACT>(as, wa, n0, N, k0, K);
         if (GATED) stage_weight<EXACT>(bs, wb, n0, N, k0, K);
         __syncthreads();
-        if (EXACT) {
-            #pragma unroll
-            for (int i = 0; i < 2; i++)
-                #pragma unroll
-                for (int j = 0; j < 4; j++)
-                    #pragma unroll
-                    for (int c = 0; c < 4; c++) {
-                        pa[i][j][c] = 0.0f;
-                        if (GATED) pb[i][j][c] = 0.0f;
-                    }
-        }
+        if (EXACT) zero_tiles<GATED>(pa, pb);
         #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {
             u32 a[2][4];

@@ -78,26 +78,6 @@ pub struct FfnLaunch {
     pub block: u32,
 }
 
-impl FfnLaunch {
-    /// Kernel names, gate/up then down.
-    pub fn kernels(&self) -> (&'static str, &'static str) {
-        if self.tensor_cores {
-            ("gateup_mma", "down_mma")
-        } else {
-            ("gateup_simt", "down_simt")
-        }
-    }
-
-    /// The intermediate rows' dtype (bf16 on tensor cores, else f32).
-    pub fn h_dtype(&self) -> DType {
-        if self.tensor_cores {
-            DType::BF16
-        } else {
-            DType::F32
-        }
-    }
-}
-
 /// The launches for `ntiles` tiles of a layer of `hidden` x `ffn` experts on activations of
 /// `x_dtype`; `bf16_weights`: every resident weight is bf16 or FP8 (tensor cores apply to bf16
 /// activations then).

@@ -61,6 +61,24 @@ pub fn random_input(spec: &ModelSpec, tokens: usize, seed: u64) -> (Vec<f32>, Ve
     (x, ids)
 }
 
+/// A MoeLayer.Forward request for `layer` on activations `x` [tokens, hidden] and token `ids`,
+/// with `wire` on the wire.
+pub fn forward_request(
+    spec: &ModelSpec,
+    layer: usize,
+    x: &[f32],
+    ids: &[i64],
+    wire: expertmesh_proto::v1::DType,
+) -> expertmesh_proto::v1::ForwardRequest {
+    use expertmesh_dispatcher::wire::{f32_tensor, i64_tensor};
+    expertmesh_proto::v1::ForwardRequest {
+        layer: layer as u32,
+        hidden_states: Some(f32_tensor(&[ids.len(), spec.hidden], x)),
+        input_ids: Some(i64_tensor(&[ids.len()], ids)),
+        wire_dtype: wire as i32,
+    }
+}
+
 pub fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
     let a64: Vec<f64> = a.iter().map(|v| *v as f64).collect();
     expertmesh_core::reference::rel_l2(&a64, b)
