@@ -3,7 +3,7 @@
 //! the worker's own answers, hedge its rows to the live replicas (first answer wins), stop
 //! sending it rows (for every request, not just the one that noticed), and report it; the
 //! leader's health check fails, the worker is planned out; thawed, it registers again and is
-//! planned back in. Bar: 0 wrong, 0 hung, no failure, p99 during the fault under 3x steady.
+//! planned back in. Bar: 0 wrong, 0 hung, no failure (p99 during the fault against steady is printed; `bench --fault` holds the 3x bar).
 //! Alone in its test binary so no other test shares the two cores while it measures.
 
 mod common;
