@@ -174,7 +174,8 @@ async fn peers_that_never_read_are_bounded_and_cut() {
         if cuts(&log) > before {
             break log;
         }
-        assert!(t_stall.elapsed() < stall * 3, "a peer that never reads is not cut:\n{log}");
+        // A liveness bound, not a timing target: without the cut this never ends.
+        assert!(t_stall.elapsed() < stall + Duration::from_secs(30), "a peer that never reads is not cut:\n{log}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     println!(
