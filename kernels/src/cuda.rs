@@ -45,7 +45,7 @@ pub fn nvrtc_available() -> Result<()> {
     if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(KernelError::NotCompiledIn {
+        Err(KernelError::Unavailable {
             device: "cuda".into(),
             reason: "NVRTC (libnvrtc.so.13) cannot be loaded: install the CUDA 13.0 toolkit or \
                      `pip install nvidia-cuda-nvrtc==13.0.*` and put its lib directory on LD_LIBRARY_PATH"
@@ -83,7 +83,7 @@ fn arch_for(cc: (i32, i32)) -> Result<&'static str> {
         (9, _) => "compute_90",
         (m, _) if m > 9 => "compute_90",
         (m, n) => {
-            return Err(KernelError::NotCompiledIn {
+            return Err(KernelError::Unavailable {
                 device: "cuda".into(),
                 reason: format!("compute capability {m}.{n}: the kernels need 8.0 (A100) or newer"),
             })
@@ -159,7 +159,7 @@ impl CudaBackend {
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: probing for the library only opens and closes it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(KernelError::NotCompiledIn {
+            return Err(KernelError::Unavailable {
                 device: format!("cuda:{ordinal}"),
                 reason: "the CUDA driver (libcuda.so) cannot be loaded: this machine has no NVIDIA driver".into(),
             });

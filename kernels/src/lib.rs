@@ -8,7 +8,7 @@
 //! [`ExpertBackend::download`], so callers never touch a backend's memory directly.
 //!
 //! The CPU backend ([`cpu::CpuBackend`]) is always built; other device kinds resolve through
-//! [`backend_for_device`], which answers a typed error when the backend is not in this build.
+//! [`backend_for_device`], which answers a typed error when the backend is not in this build or its device cannot be used here.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -36,8 +36,10 @@ pub use weights::{BlockScales, ExpertWeights, LayerWeights, StoredMatrix};
 /// Errors from a backend.
 #[derive(Debug, Error)]
 pub enum KernelError {
-    #[error("device `{device}` is not available in this build: {reason}")]
-    NotCompiledIn { device: String, reason: String },
+    /// The device cannot be used here: its backend is not in this build, it has no driver, or it
+    /// lacks what the kernels need.
+    #[error("device `{device}` is not available: {reason}")]
+    Unavailable { device: String, reason: String },
     #[error("unknown device `{0}`; expected cpu, cuda:N or npu:N")]
     UnknownDevice(String),
     #[error("shape mismatch: {0}")]
@@ -242,7 +244,7 @@ pub fn backend_for_device(device: &str) -> Result<Arc<dyn ExpertBackend>> {
     match kind {
         "cpu" if index.is_none() || index == Some("0") => Ok(Arc::new(cpu::CpuBackend::new())),
         "cuda" => cuda_backend(ordinal()?),
-        "npu" => Err(KernelError::NotCompiledIn {
+        "npu" => Err(KernelError::Unavailable {
             device: device.to_string(),
             reason: "there is no NPU backend yet; workers run on cpu or cuda:N".into(),
         }),
@@ -257,7 +259,7 @@ fn cuda_backend(ordinal: usize) -> Result<Arc<dyn ExpertBackend>> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_backend(ordinal: usize) -> Result<Arc<dyn ExpertBackend>> {
-    Err(KernelError::NotCompiledIn {
+    Err(KernelError::Unavailable {
         device: format!("cuda:{ordinal}"),
         reason: "this binary was built without the `cuda` feature; build it with \
                  `cargo build --release --features cuda,nccl`"

@@ -31,7 +31,7 @@ pub fn nccl_available() -> Result<()> {
     if unsafe { sys::is_culib_present() } {
         Ok(())
     } else {
-        Err(KernelError::NotCompiledIn {
+        Err(KernelError::Unavailable {
             device: "nccl".into(),
             reason: "libnccl.so.2 cannot be loaded: install NCCL 2.28 (Debian/Ubuntu `libnccl2`) or put its directory on LD_LIBRARY_PATH".into(),
         })

@@ -87,7 +87,7 @@ impl CpuBackend {
         if Isa::supported().contains(&isa) {
             Ok(Self { isa, why: "chosen by the caller".into() })
         } else {
-            Err(KernelError::NotCompiledIn {
+            Err(KernelError::Unavailable {
                 device: format!("cpu ({})", isa.name()),
                 reason: format!(
                     "this CPU does not have it; it has {}",
