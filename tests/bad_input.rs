@@ -76,7 +76,7 @@ async fn forward_rejects_bad_requests_and_keeps_serving() {
             name: "layer out of range",
             req: req(99, Some(good_x()), Some(good_ids())),
             code: Code::InvalidArgument,
-            says: &["layer 99 is out of range", "0..5"],
+            says: &["layer 99 is out of range", "5 layers (0 to 4)", "MoE layers are"],
         },
         Case {
             name: "missing input_ids on a hash layer",

@@ -324,8 +324,10 @@ impl ModelSpec {
     pub fn check_moe_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.num_layers {
             return Err(CoreError::InvalidInput(format!(
-                "layer {layer} is out of range: the model has layers 0..{}",
-                self.num_layers
+                "layer {layer} is out of range: the model has {} layers (0 to {}); its MoE layers are {}",
+                self.num_layers,
+                self.num_layers.saturating_sub(1),
+                describe_ranges(&self.moe_layers())
             )));
         }
         if !self.is_moe_layer(layer) {
@@ -769,7 +771,7 @@ mod tests {
         let e = s.check_moe_layer(0).unwrap_err().to_string();
         assert!(e.contains("dense") && e.contains("1..=3"), "{e}");
         let e = s.check_moe_layer(9).unwrap_err().to_string();
-        assert!(e.contains("out of range"), "{e}");
+        assert!(e.contains("out of range") && e.contains("4 layers (0 to 3)") && e.contains("1..=3"), "{e}");
     }
 
     #[test]
