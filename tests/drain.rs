@@ -70,6 +70,8 @@ async fn sigterm_and_cli_drain_move_experts_before_leaving() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("no worker `nosuch`") && err.contains("w0"), "{err}");
+    // The status reads as words, not as tonic's debug rendering.
+    assert!(err.starts_with("error: not found: drain: no worker") && !err.contains("code: '"), "{err}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
