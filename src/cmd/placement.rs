@@ -491,6 +491,10 @@ async fn show(a: ShowArgs) -> Result<()> {
             w.worker_id, w.node, devices[i].throughput, replicas[i], worker_load[i], relative[i]
         );
     }
+    println!(
+        "  (throughput: what the placement weighs each worker by, in TFLOP/s: the median probe of \
+         its device on its node, or --tflops, in half-octave steps; `status` shows each probe)"
+    );
     println!("hottest experts:");
     for &(l, e, t) in hot.iter().take(5) {
         let reps: Vec<String> = placement.layers[l]
