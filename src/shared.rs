@@ -226,3 +226,59 @@ pub(crate) fn resolve_model(src: &ModelSource, scratch: &Path) -> Result<PathBuf
     generate(&dir, &opts)?;
     Ok(dir)
 }
+
+/// The float64 single-process reference of one layer (`--check` of `bench` and `forward`).
+pub(crate) struct Reference {
+    layer: expertmesh_core::reference::RefLayer,
+}
+
+impl Reference {
+    /// Reads the checkpoint's files whole and holds the layer in float64: for small and
+    /// scaled-down models. Refuses, with the figures, when that would not fit in memory.
+    pub(crate) fn load(model: &Path, spec: &expertmesh_core::ModelSpec, layer: usize) -> Result<Self> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(model)
+            .with_context(|| format!("reading {}", model.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        names.sort();
+        let files: u64 = names.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        let experts = (spec.n_routed + spec.n_shared) as u64;
+        let need = files + experts * spec.expert_params() * 8;
+        if let Some((available, _)) = expertmesh_kernels::cpu::host_memory() {
+            if need > available {
+                bail!(
+                    "the float64 reference of layer {layer} needs about {:.1} GiB (the checkpoint's files read whole, \
+                     and the layer's {experts} experts in float64); this machine has {:.1} GiB available. \
+                     --check is for small or scaled-down models (gen-model --layers/--experts/--hidden/--ffn)",
+                    need as f64 / (1u64 << 30) as f64,
+                    available as f64 / (1u64 << 30) as f64
+                );
+            }
+        }
+        eprintln!("loading the float64 reference of layer {layer}");
+        let shards = names
+            .iter()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {}", p.display())))
+            .collect::<Result<Vec<_>>>()?;
+        let ck = expertmesh_core::reference::RefCheckpoint::new(&shards)?;
+        Ok(Self { layer: expertmesh_core::reference::RefLayer::load(spec, layer, &ck)? })
+    }
+
+    pub(crate) fn forward(
+        &self,
+        spec: &expertmesh_core::ModelSpec,
+        x: &[f32],
+        tokens: usize,
+        ids: Option<&[i64]>,
+    ) -> Result<expertmesh_core::reference::RefOutput> {
+        let x: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+        Ok(expertmesh_core::reference::moe_forward(spec, &self.layer, &x, tokens, ids)?)
+    }
+}
+
+/// Relative L2 error of `a` against the float64 `b`.
+pub(crate) fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
+    let a: Vec<f64> = a.iter().map(|v| *v as f64).collect();
+    expertmesh_core::reference::rel_l2(&a, b)
+}

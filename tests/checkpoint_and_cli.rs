@@ -131,6 +131,7 @@ fn forward_cli_in_process_and_on_workers_matches_reference() {
                 &layer.to_string(),
                 "--wire",
                 wire,
+                "--check",
             ])
             .arg("--input")
             .arg(&input)
@@ -141,6 +142,8 @@ fn forward_cli_in_process_and_on_workers_matches_reference() {
             }
             let o = cmd.output().unwrap();
             assert!(o.status.success(), "forward failed: {}", String::from_utf8_lossy(&o.stderr));
+            let said = String::from_utf8_lossy(&o.stdout);
+            assert!(said.contains("chosen experts match") && said.contains("output rel L2"), "--check: {said}");
             let ob = std::fs::read(&out).unwrap();
             let ot = safetensors::SafeTensors::deserialize(&ob).unwrap();
             let y = read_f32(&out, "output");

@@ -266,6 +266,39 @@ async fn forward_through_entries_skips_a_dead_one() {
         let r = reference(dir.path(), &spec, spec.moe_layers()[1], &x, 12, Some(&ids));
         assert!(rel_l2_f32(&out, &r.output) < 1e-5);
     }
+    // --check compares the cluster's answer with the float64 reference of --model: it passes
+    // for the model the cluster serves, and fails, naming the difference, for another model of
+    // the same shape (other weights).
+    let check = |model: &str| {
+        std::process::Command::new(bin)
+            .args(["forward", "--entry", &entries, "--layer", &layer, "--wire", "bf16", "--check", "--model", model])
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .output()
+            .unwrap()
+    };
+    let o = check(&m);
+    let said = String::from_utf8_lossy(&o.stdout);
+    println!("--check, the served model: {}", said.trim());
+    assert!(
+        o.status.success() && said.contains("chosen experts match"),
+        "{said}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (other, _) = gen_model("tiny-v3", DType::BF16, PresetOverrides::default(), 97);
+    let o = check(&other.path().display().to_string());
+    let err = String::from_utf8_lossy(&o.stderr);
+    println!("--check, another model: {}", err.trim());
+    assert!(!o.status.success() && err.contains("--check: the") && err.contains("differ"), "{err}");
+    let o = std::process::Command::new(bin)
+        .args(["forward", "--entry", &entries, "--layer", &layer, "--check", "--input", "x", "--output", "y"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--model"), "--check needs --model: {err}");
+
     // Only dead entries: a clear error naming them, not a hang; one message even with
     // RUST_BACKTRACE set, never a stack trace.
     let o = std::process::Command::new(bin)

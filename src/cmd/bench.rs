@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::local::{LocalOptions, WorkerMix};
 use crate::shared::{
-    check_replicas, cluster_dispatcher, count, fraction, millis, parse_wire, percentile, random_batch, scratch,
-    seconds, which,
+    check_replicas, cluster_dispatcher, count, fraction, millis, parse_wire, percentile, random_batch, rel_l2_f32,
+    scratch, seconds, which, Reference,
 };
 
 mod fault;
@@ -274,7 +274,12 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         .await?;
         let checked = if a.check && b <= 256 {
             let inp = input(0);
-            let want = reference.as_ref().map(|r| r.forward(&spec, &inp)).transpose()?.unwrap_or_default();
+            let want = reference
+                .as_ref()
+                .map(|r| r.forward(&spec, &inp.hidden_states, inp.tokens, inp.input_ids.as_deref()))
+                .transpose()?
+                .map(|r| r.output)
+                .unwrap_or_default();
             let dist = rel_l2_f32(&d.forward(input(0), wire).await?, &want);
             let inp = local.forward(input(0)).await?.output;
             let ip = rel_l2_f32(&inp, &want);
@@ -336,39 +341,6 @@ pub(crate) async fn run(a: BenchArgs) -> Result<()> {
         bail!("answers off the float64 reference:\n{}", bad.join("\n"));
     }
     Ok(())
-}
-
-/// The float64 reference of one layer (`--check`).
-struct Reference {
-    layer: expertmesh_core::reference::RefLayer,
-}
-
-impl Reference {
-    fn load(model: &std::path::Path, spec: &expertmesh_core::ModelSpec, layer: usize) -> Result<Self> {
-        eprintln!("loading the float64 reference of layer {layer}");
-        let mut shards = Vec::new();
-        let mut names: Vec<_> = std::fs::read_dir(model)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        names.sort();
-        for p in names {
-            shards.push(std::fs::read(&p)?);
-        }
-        let ck = expertmesh_core::reference::RefCheckpoint::new(&shards)?;
-        Ok(Self { layer: expertmesh_core::reference::RefLayer::load(spec, layer, &ck)? })
-    }
-
-    fn forward(&self, spec: &expertmesh_core::ModelSpec, inp: &MoeInput) -> Result<Vec<f64>> {
-        let x: Vec<f64> = inp.hidden_states.iter().map(|v| *v as f64).collect();
-        let r = expertmesh_core::reference::moe_forward(spec, &self.layer, &x, inp.tokens, inp.input_ids.as_deref())?;
-        Ok(r.output)
-    }
-}
-
-fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
-    let a: Vec<f64> = a.iter().map(|v| *v as f64).collect();
-    expertmesh_core::reference::rel_l2(&a, b)
 }
 
 /// Where the bench's distributed calls go.

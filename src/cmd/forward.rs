@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::env;
 use crate::local::{LocalOptions, WorkerMix};
-use crate::shared::{self, cluster_dispatcher, parse_wire, scratch};
+use crate::shared::{self, cluster_dispatcher, parse_wire, rel_l2_f32, scratch, Reference};
 use crate::tls::TlsArgs;
 
 #[derive(Debug, Args)]
@@ -47,6 +47,13 @@ pub(crate) struct ForwardArgs {
     /// Activations dtype on the wire: bf16 or f32.
     #[arg(long, default_value = "bf16", env = env::WIRE_DTYPE)]
     pub(crate) wire: String,
+    /// Also compute the layer's float64 single-process reference from --model and compare: the
+    /// chosen experts must match it, and the output's relative L2 error must stay under 1e-5 (in
+    /// process, or an f32 wire) or 1e-2 (a bf16 wire); otherwise exit non-zero (the output is
+    /// written either way). With --entry this checks a running cluster's answer. The reference
+    /// reads the checkpoint whole and holds the layer in float64: for small or scaled-down models.
+    #[arg(long, requires = "model")]
+    pub(crate) check: bool,
     /// With --entry: a `client` (or other cluster) certificate, when the cluster runs mutual TLS.
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
@@ -119,7 +126,7 @@ pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
     let spec = ck.spec().clone();
     spec.check_moe_layer(a.layer)?;
     let (tokens, x, ids) = read_input(&a.input, spec.hidden)?;
-    let inp = MoeInput { layer: a.layer, tokens, hidden_states: x, input_ids: ids };
+    let inp = MoeInput { layer: a.layer, tokens, hidden_states: x.clone(), input_ids: ids.clone() };
     let out = match a.workers {
         None => LocalMoe::new(ck, Arc::new(CpuBackend::new())).forward(inp).await?,
         Some(n) => {
@@ -151,6 +158,53 @@ pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
         spec.hidden,
         spec.top_k
     );
+    if a.check {
+        let tol = if a.workers.is_none() || wire == DType::F32 { 1e-5 } else { 1e-2 };
+        check(&model, a.layer, &x, tokens, ids.as_deref(), &out, tol)?;
+    }
+    Ok(())
+}
+
+/// `--check`: `out` against the float64 reference of the layer in `model`.
+fn check(
+    model: &Path,
+    layer: usize,
+    x: &[f32],
+    tokens: usize,
+    ids: Option<&[i64]>,
+    out: &MoeOutput,
+    tol: f64,
+) -> Result<()> {
+    let spec = Checkpoint::open(model)?.spec().clone();
+    spec.check_moe_layer(layer)?;
+    if x.len() != tokens * spec.hidden {
+        bail!(
+            "--check: --model {} has hidden size {}; the input is {tokens} x {}",
+            model.display(),
+            spec.hidden,
+            x.len() / tokens.max(1)
+        );
+    }
+    let want = Reference::load(model, &spec, layer)?.forward(&spec, x, tokens, ids)?;
+    let got: Vec<i64> = out.routing.indices.iter().map(|&v| v as i64).collect();
+    let chosen = got == want.topk_indices;
+    let err = rel_l2_f32(&out.output, &want.output);
+    let werr = rel_l2_f32(&out.routing.weights, &want.topk_weights);
+    println!(
+        "check against the float64 reference: chosen experts {}; routing weights rel L2 {werr:.1e}; output rel L2 {err:.1e} (tolerance {tol:.0e})",
+        if chosen { "match" } else { "DIFFER" }
+    );
+    if !chosen {
+        let first = (0..tokens).find(|&t| {
+            let k = spec.top_k;
+            got.get(t * k..(t + 1) * k) != want.topk_indices.get(t * k..(t + 1) * k)
+        });
+        bail!("--check: the chosen experts differ from the reference's (first at token {first:?})");
+    }
+    // NaN fails these comparisons too.
+    if !(err < tol && werr < 1e-5) {
+        bail!("--check: the answer differs from the reference: output rel L2 {err:.2e} (tolerance {tol:.0e}), routing weights {werr:.2e} (tolerance 1e-5)");
+    }
     Ok(())
 }
 
@@ -199,12 +253,17 @@ async fn forward_entry(a: &ForwardArgs, wire: DType) -> Result<()> {
     let k = ishape.get(1).copied().unwrap_or(0);
     let routing =
         expertmesh_core::gating::Routing { top_k: k, indices: idx.iter().map(|&v| v as u32).collect(), weights };
-    write_output(&a.output, hidden, &MoeOutput { output, routing, epoch: r.epoch })?;
+    let out = MoeOutput { output, routing, epoch: r.epoch };
+    write_output(&a.output, hidden, &out)?;
     println!(
         "layer {}: {tokens} tokens -> {} through the cluster (placement epoch {}; output [{tokens}, {hidden}], top-{k})",
         a.layer,
         a.output.display(),
         r.epoch
     );
+    if let (true, Some(model)) = (a.check, &a.model) {
+        let tol = if wire == DType::F32 { 1e-5 } else { 1e-2 };
+        check(model, a.layer, &x, tokens, ids.as_deref(), &out, tol)?;
+    }
     Ok(())
 }
