@@ -282,3 +282,19 @@ pub(crate) fn rel_l2_f32(a: &[f32], b: &[f64]) -> f64 {
     let a: Vec<f64> = a.iter().map(|v| *v as f64).collect();
     expertmesh_core::reference::rel_l2(&a, b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reference_that_would_not_fit_in_memory_is_refused_with_figures() {
+        let cfg = expertmesh_core::config::preset_config("tiny-v3", &PresetOverrides::default()).unwrap();
+        let mut spec = expertmesh_core::ModelSpec::from_config_json(&cfg.to_string()).unwrap();
+        // 2^30 experts of 3 x 64 x 32 parameters: 48 TiB in float64.
+        spec.n_routed = 1 << 30;
+        let dir = tempfile::tempdir().unwrap();
+        let e = Reference::load(dir.path(), &spec, 1).err().expect("refused").to_string();
+        assert!(e.contains("needs about 49152.0 GiB") && e.contains("GiB available"), "{e}");
+    }
+}
