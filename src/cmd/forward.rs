@@ -126,7 +126,9 @@ pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
     let spec = ck.spec().clone();
     spec.check_moe_layer(a.layer)?;
     let (tokens, x, ids) = read_input(&a.input, spec.hidden)?;
-    let inp = MoeInput { layer: a.layer, tokens, hidden_states: x.clone(), input_ids: ids.clone() };
+    // The inputs are kept for --check only.
+    let kept = a.check.then(|| (x.clone(), ids.clone()));
+    let inp = MoeInput { layer: a.layer, tokens, hidden_states: x, input_ids: ids };
     let out = match a.workers {
         None => LocalMoe::new(ck, Arc::new(CpuBackend::new())).forward(inp).await?,
         Some(n) => {
@@ -158,7 +160,7 @@ pub(crate) async fn run(a: ForwardArgs) -> Result<()> {
         spec.hidden,
         spec.top_k
     );
-    if a.check {
+    if let Some((x, ids)) = kept {
         let tol = if a.workers.is_none() || wire == DType::F32 { 1e-5 } else { 1e-2 };
         check(&model, a.layer, &x, tokens, ids.as_deref(), &out, tol)?;
     }
